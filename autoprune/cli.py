@@ -111,6 +111,103 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _input_shape(args, meta: dict) -> tuple[int, int, int]:
+    from autoprune.data import input_shape_for
+
+    if getattr(args, "input_shape", None):
+        try:
+            c, h, w = (int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise AutopruneError(f"--input-shape {args.input_shape!r} must be C,H,W, e.g. 3,32,32") from None
+        return (c, h, w)
+    return input_shape_for(args.data or meta.get("data") or "fashion-mnist")
+
+
+def cmd_info(args) -> int:
+    from autoprune.costs import count_cost, format_count, group_costs
+    from autoprune.pruning import describe_network
+
+    from autoprune.models import ZOO, build_model
+
+    if args.model in ZOO:
+        shape = _input_shape(args, {})
+        model = build_model(args.model, in_channels=shape[0], input_size=shape[1])
+    else:
+        model, meta = _load_model_for(args)
+        shape = _input_shape(args, meta)
+    description = describe_network(model, shape)
+    total = count_cost(description)
+    shares = group_costs(description)
+    if args.json:
+        import json
+
+        print(json.dumps({"input_shape": shape, "flops": total.flops, "params": total.params,
+                          "groups": [{"name": g.name, "channels": g.channels, "flops": shares[g.name].flops,
+                                      "params": shares[g.name].params, "producers": list(g.producers)}
+                                     for g in description.groups]}, indent=2))
+        return 0
+    print(f"input {shape[0]}x{shape[1]}x{shape[2]}, batch 1: {format_count(total.flops)} FLOPs (MACs), "
+          f"{format_count(total.params)} params, {len(description.groups)} prunable groups")
+    header = f"{'group':<28} {'channels':>8} {'layers':>6} {'FLOPs':>9} {'params':>9} {'FLOPs %':>8}"
+    print(header)
+    print("-" * len(header))
+    for g in description.groups:
+        c = shares[g.name]
+        print(f"{g.name:<28} {g.channels:>8} {len(g.producers):>6} {format_count(c.flops):>9} "
+              f"{format_count(c.params):>9} {100 * c.flops / total.flops:>7.1f}%")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from autoprune.costs import count_cost, format_count, policy_cost
+    from autoprune.export import export_onnx, save_pruned_model
+    from autoprune.io import atomic_write_json
+    from autoprune.pruning import ChannelPruner, describe_network, parse_policy
+    from autoprune.train import evaluate, recalibrate_bn
+
+    model, meta, data = _model_and_data(args)
+    shape = data.input_shape
+    description = describe_network(model, shape)
+    if not description.groups:
+        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
+    policy = parse_policy(args.policy, description)
+    batches = None
+    if args.criterion in ("taylor", "apoz"):
+        generator = __import__("torch").Generator().manual_seed(args.seed)
+        batches = list(data.batches("train", 64, shuffle=True, generator=generator, limit=64 * 8))
+    pruner = ChannelPruner(model, shape, criterion=args.criterion, batches=batches,
+                           channel_multiple=args.channel_multiple, seed=args.seed)
+    base = count_cost(description)
+    predicted = policy_cost(description, policy, args.channel_multiple)
+    before = evaluate(model, data, "val")["accuracy"]
+    pruned = pruner.prune(policy)
+    counted = count_cost(describe_network(pruned, shape))
+    after_raw = evaluate(pruned, data, "val")["accuracy"]
+    recalibrate_bn(pruned, data, num_batches=args.bn_batches, seed=args.seed)
+    after = evaluate(pruned, data, "val")["accuracy"]
+    test = evaluate(pruned, data, "test")["accuracy"]
+
+    out = Path(args.out)
+    metrics = {"policy": policy, "criterion": args.criterion, "channel_multiple": args.channel_multiple,
+               "base_flops": base.flops, "base_params": base.params, "flops": counted.flops,
+               "params": counted.params, "predicted_flops": predicted.flops,
+               "val_accuracy_base": before, "val_accuracy_pruned": after_raw,
+               "val_accuracy_recalibrated": after, "test_accuracy_recalibrated": test, "data": data.name}
+    save_pruned_model(pruned, out, shape, meta=metrics)
+    atomic_write_json(out.with_suffix(".policy.json"), policy)
+    atomic_write_json(out.with_suffix(".metrics.json"), metrics)
+    if args.onnx:
+        export_onnx(pruned, args.onnx, shape)
+    print(f"FLOPs (MACs) {format_count(base.flops)} -> {format_count(counted.flops)} "
+          f"({100 * counted.flops / base.flops:.1f} %), params {format_count(base.params)} -> "
+          f"{format_count(counted.params)} ({100 * counted.params / base.params:.1f} %)")
+    print(f"validation accuracy {before:.4f} -> {after_raw:.4f} pruned -> {after:.4f} after BN recalibration "
+          f"({args.bn_batches} batches); test {test:.4f} (no fine-tuning)")
+    print(f"wrote {out}" + (f" and {args.onnx}" if args.onnx else "")
+          + f"; policy in {out.with_suffix('.policy.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -139,6 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="the model's prunable groups: channels, FLOPs, params, share of total")
+    _add_model_args(p)
+    p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prune", help="apply a policy: remove channels for real, recalibrate BN, save")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--policy", required=True, help="uniform:RATIO or a JSON file {group: keep_ratio}")
+    p.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"),
+                   help="which channels to keep inside a group (default: l1)")
+    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
+    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pruned/model.pt2",
+                   help="pruned model file (torch.export; loads without the model's class)")
+    p.add_argument("--onnx", default=None, help="also export ONNX to this path")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -155,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     except AutopruneError as exc:
         print(f"autoprune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0  # output piped into e.g. head
     except KeyboardInterrupt:
         print("autoprune: interrupted; finished work is saved, repeat the command to resume", file=sys.stderr)
         return 130

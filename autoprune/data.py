@@ -410,3 +410,13 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
         mean=mean, std=std, num_classes=num_classes, hflip=hflip, crop_padding=pad,
         meta={"source": source, "val_size": val_size, "split_seed": split_seed},
     )
+
+
+def input_shape_for(name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of one image of a named data set, without loading it."""
+    if name == "synthetic":
+        return (1, 28, 28)
+    spec = SPECS.get(name)
+    if spec is None:
+        raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return (spec.channels, spec.size, spec.size)

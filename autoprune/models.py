@@ -256,12 +256,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
 def _load_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as first_error:  # noqa: BLE001 - torch raises many types for bad files
-        try:
-            return torch.jit.load(str(path), map_location="cpu")
-        except Exception:  # noqa: BLE001
-            raise AutopruneError(f"cannot load {path}: {first_error}; is it a model or checkpoint saved "
-                                 "by torch.save, autoprune or TorchScript?") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutopruneError(f"cannot load {path}: {first}; is it a model or checkpoint saved "
+                             "by torch.save or autoprune?") from None
 
 
 def load_model(model: str | None = None, weights: str | os.PathLike | None = None, *,
@@ -271,7 +269,8 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
     - nothing: the shipped default (ResNet-20 trained on Fashion-MNIST);
     - a zoo name (`resnet20`), optionally with `weights` (an autoprune checkpoint or state dict);
     - `package.module:factory` with `weights`;
-    - a path to an autoprune checkpoint, a whole saved model, or a TorchScript file.
+    - a path to an autoprune checkpoint, a whole saved model (torch.save), or a pruned
+      model exported by autoprune (`.pt2`).
 
     Returns the model in eval mode and a dict of metadata (e.g. the data set it was trained on).
     """
@@ -311,11 +310,18 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
             raise AutopruneError(f"{weights} does not fit model {model}: {first}") from None
         if isinstance(payload, dict):
             meta.update({k: v for k, v in payload.items() if k not in ("state_dict", "format", "version")})
-    net.eval()
+    try:
+        net.eval()
+    except NotImplementedError:
+        pass  # torch.export programs are already fixed in eval mode
     return net, meta
 
 
 def _from_file(path: Path) -> tuple[nn.Module, dict]:
+    if path.suffix == ".pt2":
+        from autoprune.export import load_exported
+
+        return load_exported(path)
     payload = _load_file(path)
     if isinstance(payload, nn.Module):
         return payload, {}

@@ -7,6 +7,7 @@ most one epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -51,14 +52,29 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs and tests)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put `model` in eval mode for the block and restore its mode afterwards.
+
+    Programs loaded with torch.export are fixed in eval mode and refuse `.eval()`.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        was_training = None
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 def _check_input(model: nn.Module, data: DataBundle) -> None:
     x, _ = next(data.batches("val" if len(data.val) else "train", 2))
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             out = model(x)
-            model.train(was_training)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise AutopruneError(f"the model does not accept {data.name} images of shape {tuple(x.shape[1:])}: "
@@ -72,15 +88,13 @@ def _check_input(model: nn.Module, data: DataBundle) -> None:
 def evaluate(model: nn.Module, data: DataBundle, split: str = "test", *, batch_size: int = 500,
              limit: int | None = None) -> dict[str, float]:
     """Accuracy (fraction correct) and mean cross-entropy of `model` on a split."""
-    was_training = model.training
-    model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    for x, y in data.batches(split, batch_size, limit=limit):
-        logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in data.batches(split, batch_size, limit=limit):
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
     if total == 0:
         raise AutopruneError(f"the {split} split is empty")
     return {"accuracy": correct / total, "loss": loss_sum / total, "images": total}

@@ -1,0 +1,82 @@
+"""Resource budgets: one parser for every form a user may write.
+
+`50%flops` means the pruned model keeps at most 50 % of the original FLOPs (MACs), as
+in AMC's "50% FLOPs". Relative budgets exist for `flops`, `params` and `latency`;
+absolute ones are written with a unit: `20MFLOPs`, `150kparams`, `3.5ms`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from autoprune.errors import AutopruneError
+
+METRICS = ("flops", "params", "latency")
+
+ACCEPTED_FORMS = ("N%flops, N%params, N%latency (N in (0, 100]); "
+                  "absolute: 20MFLOPs, 1.5GFLOPs, 800kFLOPs (MACs), 150kparams, 1.2Mparams, 3.5ms, 900us")
+
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_RELATIVE = re.compile(r"^(?P<num>\d+(\.\d*)?|\.\d+)%(?P<metric>flops|macs|params|latency)$")
+_ABSOLUTE_COUNT = re.compile(r"^(?P<num>\d+(\.\d*)?|\.\d+)(?P<scale>[kmg]?)(?P<metric>flops|macs|params)$")
+_ABSOLUTE_TIME = re.compile(r"^(?P<num>\d+(\.\d*)?|\.\d+)(?P<unit>ms|us|µs)$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cap on one resource: relative to the unpruned model (`fraction`) or absolute (`amount`)."""
+
+    metric: str  # "flops", "params" or "latency"
+    fraction: float | None = None  # of the unpruned model's value, in (0, 1]
+    amount: float | None = None  # FLOPs, parameters, or milliseconds
+    text: str = ""  # what the user wrote
+
+    def limit(self, base_value: float) -> float:
+        """The largest allowed value, given the unpruned model's value."""
+        return self.fraction * base_value if self.fraction is not None else float(self.amount)
+
+    def ratio(self, base_value: float) -> float:
+        """The allowed fraction of the unpruned model's value."""
+        return self.limit(base_value) / base_value
+
+    @property
+    def tag(self) -> str:
+        """Short form for directory names: 50pflops, 20MFLOPs, 3.5ms."""
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}p{self.metric}"
+        return re.sub(r"[^0-9A-Za-z.]", "", self.text)
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}% {self.metric}"
+        return self.text
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a budget string; raises AutopruneError listing every accepted form."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    match = _RELATIVE.match(cleaned)
+    if match:
+        percent = float(match["num"])
+        metric = "flops" if match["metric"] == "macs" else match["metric"]
+        if percent <= 0:
+            raise AutopruneError(f"budget {text!r} must be above 0 %")
+        if percent > 100:
+            raise AutopruneError(f"budget {text!r} is above 100 %: a pruned model cannot cost more than the "
+                                 "original; write e.g. 50%{metric}".replace("{metric}", metric))
+        return Budget(metric=metric, fraction=percent / 100.0, text=str(text).strip())
+    match = _ABSOLUTE_COUNT.match(cleaned)
+    if match:
+        amount = float(match["num"]) * _SCALE[match["scale"]]
+        metric = "params" if match["metric"] == "params" else "flops"
+        if amount <= 0:
+            raise AutopruneError(f"budget {text!r} must be positive")
+        return Budget(metric=metric, amount=amount, text=str(text).strip())
+    match = _ABSOLUTE_TIME.match(cleaned)
+    if match:
+        ms = float(match["num"]) * (1.0 if match["unit"] == "ms" else 1e-3)
+        if ms <= 0:
+            raise AutopruneError(f"budget {text!r} must be positive")
+        return Budget(metric="latency", amount=ms, text=str(text).strip())
+    raise AutopruneError(f"cannot read budget {text!r}; accepted forms: {ACCEPTED_FORMS}")
