@@ -169,7 +169,9 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
         log.info("resuming from %s at epoch %d", state_path, start_epoch)
 
     loss_fn = nn.CrossEntropyLoss()
-    model.to(memory_format=torch.channels_last)  # about 25 % faster convolutions on CPU
+    # channels_last would be ~20 % faster here, but PyTorch 2.13's CPU backward of a strided
+    # 1x1 convolution with few input channels corrupts memory in that layout, and pruned
+    # ResNet shortcuts are exactly such layers; so the default layout is kept.
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started = time.perf_counter()
@@ -179,7 +181,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False, unit="step")
         for x, y in bar:
-            logits = model(x.contiguous(memory_format=torch.channels_last))
+            logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -202,6 +204,5 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                                "history": history}, state_path)
-    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
