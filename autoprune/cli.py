@@ -61,12 +61,15 @@ def _model_and_data(args):
     """Load the data first when the model is a zoo name (its shape depends on the data)."""
     from autoprune.models import ZOO
 
+    from autoprune.train import check_model_fits
+
     if args.model in ZOO:
         data = _load_data(args)
         model, meta = _load_model_for(args, data)
     else:
         model, meta = _load_model_for(args)
         data = _load_data(args, meta)
+    check_model_fits(model, data)
     return model, meta, data
 
 
@@ -93,7 +96,7 @@ def cmd_train(args) -> int:
     test = evaluate(model, data, "test")["accuracy"]
     save_checkpoint(out, model, data=data.name, val_accuracy=val, test_accuracy=test,
                     train_config=vars(config), history=history,
-                    command="autoprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                    command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
     state_path.unlink(missing_ok=True)
     print(f"{args.model} on {data.name}: test accuracy {test:.4f}"
           + (f", validation {val:.4f}" if val is not None else "")
@@ -262,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2

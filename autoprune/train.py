@@ -70,7 +70,8 @@ def eval_mode(model: nn.Module):
             model.train()
 
 
-def _check_input(model: nn.Module, data: DataBundle) -> None:
+def check_model_fits(model: nn.Module, data: DataBundle) -> None:
+    """Raise a clear AutopruneError when `model` cannot classify `data`'s images."""
     x, _ = next(data.batches("val" if len(data.val) else "train", 2))
     try:
         with torch.no_grad(), eval_mode(model):
@@ -145,7 +146,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
     random generators, history) is written there atomically after every epoch, and a run
     that finds a state file for the same settings resumes from it.
     """
-    _check_input(model, data)
+    check_model_fits(model, data)
     generator = seed_everything(config.seed)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     if config.max_steps_per_epoch:

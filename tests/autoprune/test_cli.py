@@ -1,0 +1,103 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from autoprune.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    assert main(["train", "--model", "resnet20", "--width", "0.5", "--data", "synthetic", "--val-size", "400",
+                 "--epochs", "1", "--max-steps", "5", "--quiet", "--out", str(path)]) == 0
+    return path
+
+
+def test_train_writes_a_checkpoint_and_removes_its_state(checkpoint):
+    assert checkpoint.is_file() and not checkpoint.with_name(checkpoint.name + ".state").exists()
+    payload = torch.load(checkpoint, weights_only=False)
+    assert payload["data"] == "synthetic" and 0 <= payload["test_accuracy"] <= 1
+    assert payload["command"].startswith("autoprune train")
+
+
+def test_info_prune_eval_round_trip(checkpoint, tmp_path, capsys):
+    code, out, _ = run(capsys, "info", "--model", str(checkpoint))
+    assert code == 0 and "prunable groups" in out and "layer3.0.conv2" in out
+    code, out, _ = run(capsys, "info", "--model", str(checkpoint), "--json")
+    info = json.loads(out)
+    assert info["flops"] > 0 and len(info["groups"]) == 12
+
+    pruned = tmp_path / "p.pt2"
+    code, out, err = run(capsys, "prune", "--model", str(checkpoint), "--val-size", "400", "--policy", "uniform:0.5",
+                         "--out", str(pruned), "--onnx", str(tmp_path / "p.onnx"))
+    assert code == 0, err
+    assert pruned.is_file() and (tmp_path / "p.onnx").is_file()
+    metrics = json.loads(pruned.with_suffix(".metrics.json").read_text())
+    assert metrics["flops"] == metrics["predicted_flops"] < metrics["base_flops"]
+    policy = json.loads(pruned.with_suffix(".policy.json").read_text())
+    assert set(policy.values()) == {0.5}
+
+    code, out, err = run(capsys, "eval", "--model", str(pruned), "--val-size", "400")
+    assert code == 0, err
+    assert f"accuracy {metrics['test_accuracy_recalibrated']:.4f}" in out
+
+    # a policy file replays to the same network
+    again = tmp_path / "again.pt2"
+    code, _, err = run(capsys, "prune", "--model", str(checkpoint), "--val-size", "400",
+                       "--policy", str(pruned.with_suffix(".policy.json")), "--out", str(again))
+    assert code == 0, err
+    assert json.loads(again.with_suffix(".metrics.json").read_text())["flops"] == metrics["flops"]
+
+
+def write_fake_cifar(root):
+    batch_dir = root / "cifar-10-batches-py"
+    batch_dir.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(batch_dir / name, "wb") as fh:
+            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, fh)
+
+
+def bad_inputs(tmp_path, checkpoint):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    write_fake_cifar(tmp_path / "cifar")
+    return {
+        "missing data dir": (["eval", "--model", str(checkpoint), "--data", "mnist", "--data-dir",
+                              str(tmp_path / "nowhere"), "--no-download"], "does not exist"),
+        "corrupt checkpoint": (["eval", "--model", str(corrupt), "--data", "synthetic"], "cannot load"),
+        "unknown model": (["info", "--model", "resnet9000"], "neither a zoo model"),
+        "wrong image shape": (["eval", "--model", str(checkpoint), "--data", "cifar10", "--data-dir",
+                               str(tmp_path / "cifar"), "--val-size", "2", "--no-download"], "does not accept"),
+        "bad policy": (["prune", "--model", str(checkpoint), "--val-size", "400", "--policy", "uniform:2"],
+                       "outside"),
+        "unknown group": (["prune", "--model", str(checkpoint), "--val-size", "400", "--policy",
+                           str(tmp_path / "policy.json")], "unknown group"),
+        "bad input shape": (["info", "--model", "vgg", "--input-shape", "3x32x32"], "C,H,W"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(checkpoint, tmp_path, capsys):
+    (tmp_path / "policy.json").write_text(json.dumps({"no.such.layer": 0.5}))
+    for label, (argv, message) in bad_inputs(tmp_path, checkpoint).items():
+        code, out, err = run(capsys, *argv)
+        assert code == 2, label
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("autoprune: error:") and message in lines[0], (label, err)
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "info", "prune"):
+        assert command in out
