@@ -80,3 +80,45 @@ def parse_budget(text: str) -> Budget:
             raise AutopruneError(f"budget {text!r} must be positive")
         return Budget(metric="latency", amount=ms, text=str(text).strip())
     raise AutopruneError(f"cannot read budget {text!r}; accepted forms: {ACCEPTED_FORMS}")
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """A policy's value of the budget's metric against the limit (units: FLOPs, params or ms)."""
+
+    value: float
+    limit: float
+    base: float
+
+    @property
+    def ok(self) -> bool:
+        return self.value <= self.limit * (1 + 1e-9)
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.base
+
+
+def resource_value(metric: str, description, kept, lut=None) -> float:
+    """FLOPs, parameters (cost model) or latency in ms (LUT) of a network keeping `kept` channels."""
+    from autoprune.costs import count_cost
+
+    if metric == "latency":
+        if lut is None:
+            raise AutopruneError("a latency budget needs a latency table: pass --lut FILE "
+                                 "(build one with `autoprune lut build` on the target device)")
+        return lut.predict_ms(description, kept)
+    cost = count_cost(description, kept)
+    return float(cost.flops if metric == "flops" else cost.params)
+
+
+def check_budget(budget: Budget, description, policy, lut=None, multiple: int = 1) -> BudgetCheck:
+    """Evaluate `policy` against `budget` through the cost model or the LUT."""
+    from autoprune.costs import policy_channels
+
+    if lut is not None:
+        lut.check_model(description)
+    full = {g.name: g.channels for g in description.groups}
+    base = resource_value(budget.metric, description, full, lut)
+    value = resource_value(budget.metric, description, policy_channels(description, policy, multiple), lut)
+    return BudgetCheck(value=value, limit=budget.limit(base), base=base)

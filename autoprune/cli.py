@@ -141,6 +141,14 @@ def cmd_info(args) -> int:
     description = describe_network(model, shape)
     total = count_cost(description)
     shares = group_costs(description)
+    lut_line = ""
+    if args.lut:
+        from autoprune.latency import load_lut
+
+        table = load_lut(args.lut)
+        table.check_model(description)
+        lut_line = (f"; {table.predict_ms(description):.3f} ms predicted by {args.lut} "
+                    f"({table.runtime['backend']}, {table.runtime['threads']} thread(s), batch {table.runtime['batch']})")
     if args.json:
         import json
 
@@ -150,7 +158,7 @@ def cmd_info(args) -> int:
                                      for g in description.groups]}, indent=2))
         return 0
     print(f"input {shape[0]}x{shape[1]}x{shape[2]}, batch 1: {format_count(total.flops)} FLOPs (MACs), "
-          f"{format_count(total.params)} params, {len(description.groups)} prunable groups")
+          f"{format_count(total.params)} params, {len(description.groups)} prunable groups{lut_line}")
     header = f"{'group':<28} {'channels':>8} {'layers':>6} {'FLOPs':>9} {'params':>9} {'FLOPs %':>8}"
     print(header)
     print("-" * len(header))
@@ -174,6 +182,18 @@ def cmd_prune(args) -> int:
     if not description.groups:
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
     policy = parse_policy(args.policy, description)
+    table = None
+    if args.lut:
+        from autoprune.latency import load_lut
+
+        table = load_lut(args.lut)
+        table.check_model(description)
+    budget_check = None
+    if args.budget:
+        from autoprune.budgets import check_budget, parse_budget
+
+        budget = parse_budget(args.budget)
+        budget_check = check_budget(budget, description, policy, table, args.channel_multiple)
     batches = None
     if args.criterion in ("taylor", "apoz"):
         generator = __import__("torch").Generator().manual_seed(args.seed)
@@ -196,11 +216,23 @@ def cmd_prune(args) -> int:
                "params": counted.params, "predicted_flops": predicted.flops,
                "val_accuracy_base": before, "val_accuracy_pruned": after_raw,
                "val_accuracy_recalibrated": after, "test_accuracy_recalibrated": test, "data": data.name}
+    if table is not None:
+        metrics["lut_latency_ms_base"] = table.predict_ms(description)
+        metrics["lut_latency_ms"] = table.predict_policy_ms(description, policy, args.channel_multiple)
+    if budget_check is not None:
+        metrics["budget"] = {"text": args.budget, "value": budget_check.value, "limit": budget_check.limit,
+                             "met": budget_check.ok}
     save_pruned_model(pruned, out, shape, meta=metrics)
     atomic_write_json(out.with_suffix(".policy.json"), policy)
     atomic_write_json(out.with_suffix(".metrics.json"), metrics)
     if args.onnx:
         export_onnx(pruned, args.onnx, shape)
+    if table is not None:
+        print(f"latency (LUT, {table.runtime['backend']}) {metrics['lut_latency_ms_base']:.3f} ms -> "
+              f"{metrics['lut_latency_ms']:.3f} ms ({100 * metrics['lut_latency_ms'] / metrics['lut_latency_ms_base']:.1f} %)")
+    if budget_check is not None:
+        print(f"budget {args.budget}: {'met' if budget_check.ok else 'NOT met'} "
+              f"({budget_check.value:.6g} of at most {budget_check.limit:.6g})")
     print(f"FLOPs (MACs) {format_count(base.flops)} -> {format_count(counted.flops)} "
           f"({100 * counted.flops / base.flops:.1f} %), params {format_count(base.params)} -> "
           f"{format_count(counted.params)} ({100 * counted.params / base.params:.1f} %)")
@@ -208,6 +240,68 @@ def cmd_prune(args) -> int:
           f"({args.bn_batches} batches); test {test:.4f} (no fine-tuning)")
     print(f"wrote {out}" + (f" and {args.onnx}" if args.onnx else "")
           + f"; policy in {out.with_suffix('.policy.json')}")
+    return 0
+
+
+def _model_for_lut(args):
+    """The model and its description for LUT commands (zoo name, file, or the default)."""
+    from autoprune.models import ZOO, build_model
+    from autoprune.pruning import describe_network
+
+    if args.model in ZOO:
+        shape = _input_shape(args, {})
+        model = build_model(args.model, in_channels=shape[0], input_size=shape[1])
+        name = args.model
+    else:
+        model, meta = _load_model_for(args)
+        shape = _input_shape(args, meta)
+        name = args.model or "default (resnet20 on fashion-mnist)"
+    description = describe_network(model, shape)
+    if not description.groups:
+        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
+    return model, description, name
+
+
+def cmd_lut_build(args) -> int:
+    from autoprune.latency import build_lut, cpu_model, get_backend
+
+    model, description, name = _model_for_lut(args)
+    backend = get_backend(args.backend, args.threads)
+    if args.out:
+        out = Path(args.out)
+    else:
+        device = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
+        while "--" in device:
+            device = device.replace("--", "-")
+        tag = Path(str(args.model)).stem if args.model else "resnet20-fashion-mnist"
+        out = Path("latency_luts") / f"{device}-{backend.name}-t{args.threads}-b{args.batch}-{tag}.json"
+    table = build_lut(model, description, backend, out, model_name=name, batch=args.batch,
+                      channel_step=args.channel_step, warmup=args.warmup, runs=args.runs,
+                      calibration_samples=args.calibration_samples, seed=args.seed, progress=not args.quiet)
+    entries = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
+    c = table.calibration
+    print(f"{out}: {len(table.data['entries'])} layer signatures, {entries} entries, built in "
+          f"{table.data['build_seconds']:.0f} s; whole model {c['points'][0]['measured_ms']:.3f} ms measured, "
+          f"{table.predict_ms(description):.3f} ms predicted (calibration: x{c['scale']:.3f} "
+          f"{c['offset_ms']:+.3f} ms)")
+    return 0
+
+
+def cmd_lut_validate(args) -> int:
+    from autoprune.io import atomic_write_json
+    from autoprune.latency import load_lut, validate_lut
+
+    table = load_lut(args.lut)
+    model, description, _ = _model_for_lut(args)
+    result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, progress=not args.quiet)
+    print(f"{'sample':>6} {'predicted ms':>13} {'measured ms':>12} {'error %':>8}")
+    for row in result["rows"]:
+        print(f"{row['sample']:>6} {row['predicted_ms']:>13.3f} {row['measured_ms']:>12.3f} {row['error_pct']:>8.1f}")
+    print(f"{result['backend']}, {result['threads']} thread(s), batch {result['batch']}: median absolute error "
+          f"{result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %, Spearman "
+          f"{result['spearman']:.3f} over {result['samples']} random policies")
+    if args.out:
+        atomic_write_json(args.out, result)
     return 0
 
 
@@ -245,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--lut", default=None, help="latency LUT: also print the predicted latency")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prune", help="apply a policy: remove channels for real, recalibrate BN, save")
@@ -259,7 +354,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pruned/model.pt2",
                    help="pruned model file (torch.export; loads without the model's class)")
     p.add_argument("--onnx", default=None, help="also export ONNX to this path")
+    p.add_argument("--lut", default=None, help="latency LUT: report the predicted latency")
+    p.add_argument("--budget", default=None, help="report whether the policy meets it, e.g. 50%%flops, 3.5ms")
     p.set_defaults(func=cmd_prune)
+
+    lut = sub.add_parser("lut", help="latency lookup tables measured on this device")
+    lut_sub = lut.add_subparsers(dest="lut_command", metavar="LUT_COMMAND", required=True)
+    p = lut_sub.add_parser("build", help="measure every layer the search can produce, on this machine",
+                           description="Measure a latency lookup table on this machine. Run it on the target "
+                                       "device; it needs torch and the runtime only.")
+    _add_model_args(p)
+    p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
+    p.add_argument("--backend", default="torch", help="torch (eager, CPU) or onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (the process is pinned to as many CPUs)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--channel-step", type=int, default=4, help="grid spacing of channel counts")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs before each entry")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per entry (the median is kept)")
+    p.add_argument("--calibration-samples", type=int, default=6,
+                   help="random pruned networks timed whole to calibrate the layer sum")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="LUT file (default: latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_lut_build)
+
+    p = lut_sub.add_parser("validate", help="compare LUT predictions with measured whole-model latency")
+    p.add_argument("--lut", required=True)
+    _add_model_args(p)
+    p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
+    p.add_argument("--samples", type=int, default=30, help="random policies (keep ratios in [0.2, 1])")
+    p.add_argument("--seed", type=int, default=1, help="seed of the random policies (the build calibrates on 0)")
+    p.add_argument("--out", default=None, help="also write the figures as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_lut_validate)
     return parser
 
 

@@ -42,11 +42,7 @@ class LayerSpec:
     in_groups: tuple[tuple[str, int], ...] = ()  # (group, input features per group channel)
     in_fixed: int = 0  # input features that no group controls (image channels, ...)
     fixed_params: int = 0  # parameters of an "other" layer that pruning never touches
-
-    def signature(self, in_channels: int, out_channels: int) -> tuple:
-        """What determines this layer's latency at the given channel counts."""
-        groups = out_channels if self.kind == "dwconv" else self.groups
-        return (self.kind, in_channels, out_channels, self.kernel, self.stride, groups, self.in_size)
+    post: tuple[str, ...] = ()  # what runs right after it: "bn", then "relu" / "relu6"
 
 
 @dataclass(frozen=True)
@@ -93,6 +89,7 @@ class NetworkDescription:
             for key in ("kernel", "stride", "in_size", "out_size"):
                 d[key] = tuple(d[key])
             d["in_groups"] = tuple((g, int(m)) for g, m in d["in_groups"])
+            d["post"] = tuple(d.get("post", ()))
             return LayerSpec(**d)
 
         return cls(input_shape=tuple(data["input_shape"]),

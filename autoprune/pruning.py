@@ -162,6 +162,24 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         groups.append(GroupSpec(name=gname, channels=channels, producers=tuple(producers),
                                 consumers=tuple(sorted(consumers, key=lambda n: trace.order.get(n, 1 << 30)))))
 
+    executed = sorted(trace.order, key=trace.order.get)
+
+    def post_ops(name: str) -> tuple[str, ...]:
+        """BatchNorm and activation executed right after a layer (what a latency unit includes)."""
+        ops: list[str] = []
+        i = executed.index(name) + 1
+        if i < len(executed) and isinstance(modules[executed[i]], _BN) and \
+                modules[executed[i]].num_features == modules[name].weight.shape[0]:
+            ops.append("bn")
+            i += 1
+        if i < len(executed):
+            nxt = modules[executed[i]]
+            if isinstance(nxt, nn.ReLU6):
+                ops.append("relu6")
+            elif isinstance(nxt, nn.ReLU):
+                ops.append("relu")
+        return tuple(ops)
+
     layers = []
     for name in sorted(modules, key=lambda n: trace.order.get(n, 1 << 30)):
         m = modules[name]
@@ -179,13 +197,14 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 kernel=_pair(m.kernel_size), stride=_pair(m.stride), groups=m.groups,
                 in_size=trace.in_size[name], out_size=trace.out_size[name], bias=m.bias is not None,
                 out_group=out_group.get(name), in_groups=tuple(ins) if kind == "conv" else (),
-                in_fixed=in_fixed if kind == "conv" else 0))
+                in_fixed=in_fixed if kind == "conv" else 0, post=post_ops(name)))
         elif isinstance(m, _LINEAR):
             ins = in_groups.get(name, [])
             in_fixed = m.in_features - sum(_group_channels(groups, g) * per for g, per in ins)
             layers.append(LayerSpec(
                 name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
-                bias=m.bias is not None, out_group=out_group.get(name), in_groups=tuple(ins), in_fixed=in_fixed))
+                bias=m.bias is not None, out_group=out_group.get(name), in_groups=tuple(ins), in_fixed=in_fixed,
+                post=post_ops(name) if name in trace.order else ()))
         elif isinstance(m, _BN) and m.affine:
             layers.append(LayerSpec(name=name, kind="bn", in_channels=m.num_features, out_channels=m.num_features,
                                     out_group=out_group.get(name)))

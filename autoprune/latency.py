@@ -1,0 +1,603 @@
+"""Latency lookup tables (LUTs) measured on the target device, and latency predictions.
+
+Building a table (`build_lut`) measures, on the machine it runs on, every layer the
+search can produce: for each layer signature (kind, kernel, stride, input size, what
+follows it: BatchNorm, activation) a grid of input × output channel counts. Each entry
+is the median of many timed runs after a warm-up, with a fixed thread count. Layers
+with the same signature share one table.
+
+What a per-layer sum misses (adds, pooling, the classifier's glue, framework overhead,
+and the difference between a layer timed alone and inside a network) is measured too:
+the builder times the whole network at a few random policies and fits
+`measured ≈ scale × Σ layers + offset`, stored in the file as `calibration`.
+
+A table is plain JSON, readable and usable on any machine; this module needs only
+torch, numpy and the chosen runtime (no gymnasium, no stable-baselines3), so a target
+board with Python and the runtime can build one alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from autoprune.costs import LayerSpec, NetworkDescription, layer_channels, policy_channels
+from autoprune.errors import AutopruneError
+from autoprune.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LUT_FORMAT = "autoprune-latency-lut"
+LUT_VERSION = 1
+TIMED_KINDS = ("conv", "dwconv", "linear")
+WRITE_EVERY_S = 2.0  # how often an unfinished build is flushed to disk
+
+
+# ---------------------------------------------------------------- signatures
+
+def signature_key(layer: LayerSpec) -> str:
+    """The part of a layer's identity that is not its channel counts, as a readable key."""
+    kh, kw = layer.kernel
+    sh, sw = layer.stride
+    h, w = layer.in_size
+    post = "+".join(layer.post) or "none"
+    if layer.kind == "linear":
+        return f"linear|bias={int(layer.bias)}|post={post}"
+    return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
+
+
+def model_fingerprint(description: NetworkDescription) -> str:
+    """Hash of what makes two networks' latency tables interchangeable (shapes, not names)."""
+    parts = [(signature_key(layer), layer.in_channels, layer.out_channels) for layer in description.layers
+             if layer.kind in TIMED_KINDS]
+    return hashlib.sha256(json.dumps([description.input_shape, parts]).encode()).hexdigest()[:16]
+
+
+def _channel_grid(maximum: int, step: int) -> list[int]:
+    """1, step, 2·step, …, maximum: every count from 1 to maximum lies between two points."""
+    points = {1, maximum, *range(step, maximum + 1, step)}
+    return sorted(p for p in points if 1 <= p <= maximum)
+
+
+def _reachable_inputs(layer: LayerSpec, grids: Mapping[str, list[int]]) -> list[int]:
+    if layer.kind == "dwconv" or not layer.in_groups:
+        return [layer.in_channels] if layer.kind != "dwconv" else []
+    if len(layer.in_groups) == 1:
+        group, per = layer.in_groups[0]
+        return sorted({layer.in_fixed + c * per for c in grids[group]})
+    low = layer.in_fixed + sum(per for _, per in layer.in_groups)
+    step = max(1, (layer.in_channels - low) // 16)
+    return sorted({*range(low, layer.in_channels + 1, step), layer.in_channels})
+
+
+def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[str, dict]:
+    """Signature key -> {"layer": one representative LayerSpec, "in": [...], "out": [...]}."""
+    grids = {g.name: _channel_grid(g.channels, channel_step) for g in description.groups}
+    plan: dict[str, dict] = {}
+    for layer in description.layers:
+        if layer.kind not in TIMED_KINDS:
+            continue
+        key = signature_key(layer)
+        outs = grids[layer.out_group] if layer.out_group else [layer.out_channels]
+        ins = _reachable_inputs(layer, grids) if layer.kind != "dwconv" else [0]
+        entry = plan.setdefault(key, {"layer": layer, "in": set(), "out": set()})
+        entry["in"].update(ins)
+        entry["out"].update(outs)
+    return {k: {"layer": v["layer"], "in": sorted(v["in"]), "out": sorted(v["out"])} for k, v in plan.items()}
+
+
+def unit_module(layer: LayerSpec, cin: int, cout: int) -> nn.Module:
+    """The layer as it runs inside the network: conv/linear, then its BatchNorm and activation."""
+    if layer.kind == "linear":
+        core: nn.Module = nn.Linear(cin, cout, bias=layer.bias)
+    else:
+        groups = cout if layer.kind == "dwconv" else layer.groups
+        cin = cout if layer.kind == "dwconv" else cin
+        pad = (layer.kernel[0] // 2, layer.kernel[1] // 2)
+        core = nn.Conv2d(cin, cout, layer.kernel, layer.stride, pad, groups=groups, bias=layer.bias)
+    parts = [core]
+    for op in layer.post:
+        if op == "bn":
+            parts.append(nn.BatchNorm2d(cout) if layer.kind != "linear" else nn.BatchNorm1d(cout))
+        elif op == "relu":
+            parts.append(nn.ReLU(inplace=True))
+        elif op == "relu6":
+            parts.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*parts).eval()
+
+
+def unit_input_shape(layer: LayerSpec, cin: int, cout: int, batch: int) -> tuple[int, ...]:
+    if layer.kind == "linear":
+        return (batch, cin)
+    channels = cout if layer.kind == "dwconv" else cin
+    return (batch, channels, *layer.in_size)
+
+
+# ---------------------------------------------------------------- backends
+
+def time_runs(run: Callable[[], object], warmup: int, runs: int) -> float:
+    """Median wall time of `runs` calls after `warmup` calls, in milliseconds."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        run()
+        samples.append(time.perf_counter_ns() - start)
+    return statistics.median(samples) / 1e6
+
+
+class LatencyBackend:
+    """A runtime that executes a model on this machine. Subclass it to add one.
+
+    `runner(module, input_shape)` returns a zero-argument callable that runs one
+    inference; the same path times single layers and whole networks.
+    """
+
+    name = "base"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict:
+        return {"backend": self.name, "backend_version": self.version(), "threads": self.threads,
+                "dtype": "float32"}
+
+
+class TorchBackend(LatencyBackend):
+    """PyTorch eager mode on the CPU, in inference mode."""
+
+    name = "torch"
+
+    def __init__(self, threads: int = 1):
+        super().__init__(threads)
+        torch.set_num_threads(threads)
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def runner(self, module, input_shape):
+        x = torch.randn(*input_shape)
+        module = module.eval()
+
+        def run():
+            with torch.inference_mode():
+                return module(x)
+
+        return run
+
+
+class OnnxRuntimeBackend(LatencyBackend):
+    """ONNX Runtime's CPU execution provider, all graph optimisations, fixed intra-op threads.
+
+    Single layers are written as ONNX graphs directly (fast); whole networks go through
+    PyTorch's ONNX exporter.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, threads: int = 1):
+        super().__init__(threads)
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise AutopruneError("backend onnxruntime is not installed: pip install onnxruntime "
+                                 "(or pip install 'autoprune[onnx]')") from None
+
+    def version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def _session(self, model_bytes: bytes):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    def runner(self, module, input_shape):
+        model_bytes = _unit_to_onnx(module, input_shape) if getattr(module, "_autoprune_unit", False) \
+            else _network_to_onnx(module, input_shape)
+        session = self._session(model_bytes)
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        return lambda: session.run(None, {name: x})
+
+
+def _network_to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    import tempfile
+
+    from autoprune.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(module, path, tuple(input_shape[1:]), dynamic_batch=input_shape[0] != 1)
+        return path.read_bytes()
+
+
+def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
+    """A conv/linear + BatchNorm + activation unit as a small ONNX graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    current = "x"
+    for i, part in enumerate(module):
+        out = f"t{i}"
+        if isinstance(part, nn.Conv2d):
+            inits.append(numpy_helper.from_array(part.weight.detach().numpy(), f"w{i}"))
+            inputs = [current, f"w{i}"]
+            if part.bias is not None:
+                inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
+                inputs.append(f"b{i}")
+            pads = [part.padding[0], part.padding[1], part.padding[0], part.padding[1]]
+            nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(part.kernel_size),
+                                          strides=list(part.stride), pads=pads, group=part.groups))
+        elif isinstance(part, nn.Linear):
+            inits.append(numpy_helper.from_array(part.weight.detach().numpy(), f"w{i}"))
+            inputs = [current, f"w{i}"]
+            if part.bias is not None:
+                inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
+                inputs.append(f"b{i}")
+            nodes.append(helper.make_node("Gemm", inputs, [out], transB=1))
+        elif isinstance(part, nn.modules.batchnorm._BatchNorm):
+            for tag, value in (("s", part.weight), ("o", part.bias), ("m", part.running_mean),
+                               ("v", part.running_var)):
+                inits.append(numpy_helper.from_array(value.detach().numpy().astype(np.float32), f"{tag}{i}"))
+            nodes.append(helper.make_node("BatchNormalization", [current, f"s{i}", f"o{i}", f"m{i}", f"v{i}"],
+                                          [out], epsilon=part.eps))
+        elif isinstance(part, nn.ReLU6):
+            inits += [numpy_helper.from_array(np.array(0, np.float32), f"lo{i}"),
+                      numpy_helper.from_array(np.array(6, np.float32), f"hi{i}")]
+            nodes.append(helper.make_node("Clip", [current, f"lo{i}", f"hi{i}"], [out]))
+        elif isinstance(part, nn.ReLU):
+            nodes.append(helper.make_node("Relu", [current], [out]))
+        else:
+            raise AutopruneError(f"no ONNX form for {type(part).__name__}")
+        current = out
+    graph = helper.make_graph(nodes, "unit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+BACKENDS: dict[str, type[LatencyBackend]] = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend}
+
+
+def get_backend(name: str, threads: int = 1) -> LatencyBackend:
+    """A backend by name: torch or onnxruntime."""
+    if name == "onnx":
+        name = "onnxruntime"
+    if name not in BACKENDS:
+        raise AutopruneError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name](threads)
+
+
+# ---------------------------------------------------------------- device facts
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_metadata() -> dict:
+    return {"cpu": cpu_model(), "machine": platform.machine(), "system": platform.system(),
+            "logical_cpus": os.cpu_count(), "python": platform.python_version(), "hostname": platform.node()}
+
+
+def pin_process(threads: int) -> list[int] | None:
+    """Pin this process to the first `threads` CPUs it may use (Linux); returns them."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = allowed[:max(1, threads)]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass
+class LatencyTable:
+    """A loaded LUT: per-signature grids of milliseconds, plus whole-model calibration."""
+
+    data: dict
+    path: str = ""
+
+    @property
+    def runtime(self) -> dict:
+        return self.data["runtime"]
+
+    @property
+    def calibration(self) -> dict:
+        return self.data.get("calibration") or {"scale": 1.0, "offset_ms": 0.0}
+
+    def check_model(self, description: NetworkDescription) -> None:
+        """Refuse a network this table was not built for."""
+        fingerprint = model_fingerprint(description)
+        if self.data["model"]["fingerprint"] != fingerprint:
+            raise AutopruneError(
+                f"LUT {self.path or ''} was built for model {self.data['model'].get('name')!r} "
+                f"(fingerprint {self.data['model']['fingerprint']}), not this one ({fingerprint}); "
+                "build one with `autoprune lut build --model ...`")
+
+    def layer_ms(self, layer: LayerSpec, cin: int, cout: int) -> float:
+        """Interpolated latency of one layer unit at the given channel counts."""
+        key = signature_key(layer)
+        table = self.data["entries"].get(key)
+        if table is None:
+            raise AutopruneError(f"LUT {self.path} has no entry for layer signature {key} ({layer.name}); "
+                                 "it was built for another model")
+        ins, outs, ms = table["in"], table["out"], table["ms"]
+        x = 0 if layer.kind == "dwconv" else cin
+        if layer.kind == "dwconv":
+            ins = [0]
+        if not (ins[0] <= x <= ins[-1]) or not (outs[0] <= cout <= outs[-1]):
+            raise AutopruneError(f"LUT {self.path}: layer signature {key} ({layer.name}) at {cin} -> {cout} "
+                                 f"channels is outside the measured grid (in {ins[0]}..{ins[-1]}, "
+                                 f"out {outs[0]}..{outs[-1]})")
+        return _bilinear(ins, outs, ms, x, cout, key)
+
+    def raw_sum_ms(self, description: NetworkDescription, kept: Mapping[str, int]) -> float:
+        total = 0.0
+        for layer in description.layers:
+            if layer.kind in TIMED_KINDS:
+                cin, cout = layer_channels(layer, kept)
+                total += self.layer_ms(layer, cin, cout)
+        return total
+
+    def predict_ms(self, description: NetworkDescription, kept: Mapping[str, int] | None = None) -> float:
+        """Whole-network latency estimate: calibrated sum of layer entries."""
+        if kept is None:
+            kept = {g.name: g.channels for g in description.groups}
+        c = self.calibration
+        return c["scale"] * self.raw_sum_ms(description, kept) + c["offset_ms"]
+
+    def predict_policy_ms(self, description: NetworkDescription, policy: Mapping[str, float],
+                          multiple: int = 1) -> float:
+        return self.predict_ms(description, policy_channels(description, policy, multiple))
+
+
+def _bilinear(ins: list[int], outs: list[int], ms: list[list[float | None]], x: int, y: int, key: str) -> float:
+    def bracket(grid: list[int], v: int) -> tuple[int, int, float]:
+        j = int(np.searchsorted(grid, v))
+        if j < len(grid) and grid[j] == v:
+            return j, j, 0.0
+        lo, hi = j - 1, j
+        return lo, hi, (v - grid[lo]) / (grid[hi] - grid[lo])
+
+    i0, i1, ti = bracket(ins, x)
+    j0, j1, tj = bracket(outs, y)
+    corners = [ms[i0][j0], ms[i0][j1], ms[i1][j0], ms[i1][j1]]
+    if any(c is None for c in corners):
+        raise AutopruneError(f"LUT entry for {key} near {x} -> {y} channels was never measured; "
+                             "finish the build with the same `autoprune lut build` command")
+    a = corners[0] * (1 - tj) + corners[1] * tj
+    b = corners[2] * (1 - tj) + corners[3] * tj
+    return a * (1 - ti) + b * ti
+
+
+def load_lut(path: str | os.PathLike) -> LatencyTable:
+    """Read and check a LUT file; a clear AutopruneError for anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError(f"LUT file {path} not found; build one with `autoprune lut build`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AutopruneError(f"LUT {path} is corrupt or truncated ({exc.__class__.__name__}: {exc}); "
+                             "rebuild it with `autoprune lut build`") from None
+    if not isinstance(data, dict) or data.get("format") != LUT_FORMAT:
+        raise AutopruneError(f"{path} is not an autoprune latency LUT")
+    if data.get("version") != LUT_VERSION:
+        raise AutopruneError(f"LUT {path} has format version {data.get('version')}, this autoprune reads "
+                             f"{LUT_VERSION}; rebuild it")
+    try:
+        for key, table in data["entries"].items():
+            if len(table["ms"]) != len(table["in"]) or any(len(row) != len(table["out"]) for row in table["ms"]):
+                raise ValueError(f"grid of {key} has the wrong size")
+        data["runtime"]["backend"], data["model"]["fingerprint"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AutopruneError(f"LUT {path} is corrupt ({exc}); rebuild it with `autoprune lut build`") from None
+    if not data.get("complete"):
+        raise AutopruneError(f"LUT {path} is unfinished; run the same `autoprune lut build` command again to "
+                             "complete it")
+    return LatencyTable(data, str(path))
+
+
+# ---------------------------------------------------------------- building
+
+def random_policies(description: NetworkDescription, count: int, seed: int, low: float = 0.2,
+                    high: float = 1.0) -> list[dict[str, float]]:
+    """Seeded random policies with keep ratios uniform in [low, high]."""
+    rng = random.Random(seed)
+    return [{g.name: rng.uniform(low, high) for g in description.groups} for _ in range(count)]
+
+
+def measure_network(backend: LatencyBackend, model: nn.Module, input_shape: tuple[int, int, int], batch: int,
+                    warmup: int, runs: int) -> float:
+    """Median latency of a whole network, in milliseconds."""
+    return time_runs(backend.runner(model, (batch, *input_shape)), warmup, runs)
+
+
+def build_lut(model: nn.Module, description: NetworkDescription, backend: LatencyBackend, out: str | os.PathLike,
+              *, model_name: str = "", batch: int = 1, channel_step: int = 4, warmup: int = 10, runs: int = 50,
+              calibration_samples: int = 6, seed: int = 0, progress: bool = True, pin: bool = True) -> LatencyTable:
+    """Measure a LUT for `description` on this machine and write it to `out`.
+
+    Entries are written as they are measured (atomically, every couple of seconds); a
+    build that finds an unfinished file for the same model and settings continues it.
+    """
+    from tqdm.auto import tqdm
+
+    from autoprune.pruning import ChannelPruner
+
+    out = Path(out)
+    cpus = pin_process(backend.threads) if pin else None
+    plan = plan_grid(description, channel_step)
+    runtime = {**backend.metadata(), "batch": batch}
+    protocol = {"warmup": warmup, "runs": runs, "statistic": "median", "channel_step": channel_step,
+                "pinned_cpus": cpus, "unit": "conv/linear + following BatchNorm and activation",
+                "calibration_samples": calibration_samples, "calibration_seed": seed}
+    model_info = {"name": model_name, "fingerprint": model_fingerprint(description),
+                  "input_shape": list(description.input_shape)}
+    data = None
+    if out.is_file():
+        try:
+            old = json.loads(out.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old and old.get("format") == LUT_FORMAT and old.get("model", {}).get("fingerprint") == \
+                model_info["fingerprint"] and old.get("runtime", {}).get("backend") == runtime["backend"] and \
+                old.get("runtime", {}).get("threads") == runtime["threads"] and \
+                old.get("runtime", {}).get("batch") == batch and old.get("protocol", {}).get("channel_step") == \
+                channel_step and not old.get("complete"):
+            data = old
+            log.info("continuing unfinished LUT %s", out)
+        elif old and old.get("complete"):
+            raise AutopruneError(f"{out} already holds a finished LUT; choose another --out or delete it")
+        else:
+            raise AutopruneError(f"{out} exists and is not an unfinished LUT for this model and settings; "
+                                 "choose another --out or delete it")
+    if data is None:
+        data = {"format": LUT_FORMAT, "version": LUT_VERSION, "complete": False, "model": model_info,
+                "device": device_metadata(), "runtime": runtime, "protocol": protocol,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "entries": {}, "calibration": None}
+        for key, entry in plan.items():
+            data["entries"][key] = {"in": entry["in"] if entry["layer"].kind != "dwconv" else [0],
+                                    "out": entry["out"],
+                                    "ms": [[None] * len(entry["out"]) for _ in (entry["in"] or [0])]}
+    total = sum(len(e["in"]) * len(e["out"]) for e in data["entries"].values())
+    done = sum(v is not None for e in data["entries"].values() for row in e["ms"] for v in row)
+    last_write = time.monotonic()
+    bar = tqdm(total=total + calibration_samples + 1, initial=done, desc="LUT", unit="entry", disable=not progress)
+    started = time.perf_counter()
+    for key, table in data["entries"].items():
+        layer = plan[key]["layer"]
+        for i, cin in enumerate(table["in"]):
+            for j, cout in enumerate(table["out"]):
+                if table["ms"][i][j] is not None:
+                    continue
+                unit = unit_module(layer, cin, cout)
+                unit._autoprune_unit = True
+                run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
+                table["ms"][i][j] = round(time_runs(run, warmup, runs), 6)
+                bar.update(1)
+                if time.monotonic() - last_write >= WRITE_EVERY_S:
+                    atomic_write_json(out, data)
+                    last_write = time.monotonic()
+    atomic_write_json(out, data)
+
+    # whole-network calibration: base model plus a few random policies
+    table = LatencyTable({**data, "calibration": None}, str(out))
+    pruner = ChannelPruner(model, description.input_shape)
+    points = []
+    for policy in [None, *random_policies(description, calibration_samples, seed)]:
+        net = model if policy is None else pruner.prune(policy)
+        kept = None if policy is None else policy_channels(description, policy)
+        measured = measure_network(backend, net, description.input_shape, batch, warmup, runs)
+        points.append({"sum_ms": round(table.raw_sum_ms(description, kept or
+                                                         {g.name: g.channels for g in description.groups}), 6),
+                       "measured_ms": round(measured, 6)})
+        bar.update(1)
+    bar.close()
+    data["calibration"] = fit_calibration(points)
+    data["build_seconds"] = round(time.perf_counter() - started + data.get("build_seconds", 0.0), 1)
+    data["complete"] = True
+    atomic_write_json(out, data)
+    return LatencyTable(data, str(out))
+
+
+def fit_calibration(points: list[dict]) -> dict:
+    """Least-squares `measured = scale × sum + offset`; falls back to a pure offset if ill-posed."""
+    x = np.array([p["sum_ms"] for p in points])
+    y = np.array([p["measured_ms"] for p in points])
+    scale, offset = 1.0, float(np.mean(y - x))
+    if len(points) >= 3 and np.ptp(x) > 1e-9:
+        a, b = np.polyfit(x, y, 1)
+        if a > 0:
+            scale, offset = float(a), float(b)
+    return {"scale": round(scale, 6), "offset_ms": round(offset, 6), "points": points,
+            "method": "least squares of whole-network median latency on the layer sum"}
+
+
+# ---------------------------------------------------------------- validation
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        values = np.asarray(v)
+        for value in np.unique(values):
+            mask = values == value
+            r[mask] = r[mask].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDescription, *, samples: int = 30,
+                 seed: int = 1, warmup: int | None = None, runs: int | None = None,
+                 progress: bool = True) -> dict:
+    """Predicted vs measured whole-network latency for random policies (keep ratios in [0.2, 1])."""
+    from tqdm.auto import tqdm
+
+    from autoprune.pruning import ChannelPruner
+
+    table.check_model(description)
+    rt, protocol = table.runtime, table.data["protocol"]
+    backend = get_backend(rt["backend"], rt["threads"])
+    pin_process(rt["threads"])
+    warmup = protocol["warmup"] if warmup is None else warmup
+    runs = protocol["runs"] if runs is None else runs
+    pruner = ChannelPruner(model, description.input_shape)
+    rows = []
+    for i, policy in enumerate(tqdm(random_policies(description, samples, seed), desc="validate",
+                                    disable=not progress)):
+        predicted = table.predict_policy_ms(description, policy)
+        measured = measure_network(backend, pruner.prune(policy), description.input_shape, rt["batch"], warmup, runs)
+        rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": measured,
+                     "error_pct": 100.0 * (predicted - measured) / measured})
+    abs_err = [abs(r["error_pct"]) for r in rows]
+    return {"rows": rows, "median_abs_error_pct": float(np.median(abs_err)),
+            "max_abs_error_pct": float(np.max(abs_err)),
+            "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
+            "backend": rt["backend"], "threads": rt["threads"], "batch": rt["batch"], "samples": samples,
+            "seed": seed}

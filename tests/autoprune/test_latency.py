@@ -1,0 +1,226 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import autoprune.latency as latency
+from autoprune.budgets import check_budget, parse_budget
+from autoprune.costs import uniform_policy
+from autoprune.errors import AutopruneError
+from autoprune.latency import (LatencyTable, TorchBackend, build_lut, get_backend, load_lut, plan_grid, signature_key,
+                               spearman, unit_module, validate_lut)
+from autoprune.models import build_model
+from autoprune.pruning import describe_network
+
+SHAPE = (1, 12, 12)
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.fixture(scope="module")
+def tiny_lut(tmp_path_factory):
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    path = tmp_path_factory.mktemp("lut") / "tiny.json"
+    table = build_lut(model, description, TorchBackend(1), path, model_name="tiny", channel_step=4, warmup=1,
+                      runs=3, calibration_samples=3, progress=False, pin=False)
+    return model, description, path, table
+
+
+def test_same_signature_layers_share_one_table():
+    d = describe_network(build_model("resnet20"), (1, 28, 28))
+    plan = plan_grid(d, channel_step=4)
+    timed = [layer for layer in d.layers if layer.kind in ("conv", "dwconv", "linear")]
+    assert len(plan) < len(timed)
+    inner = [layer for layer in timed if layer.name.startswith("layer1.") and layer.kind == "conv"]
+    # six 3x3 convs of stage 1: conv1s are followed by BN+ReLU, conv2s by BN (then the add)
+    assert len({signature_key(layer) for layer in inner}) == 2
+    key = signature_key(inner[0])
+    assert plan[key]["out"] == [1, 4, 8, 12, 16] and plan[key]["in"] == [1, 4, 8, 12, 16]
+
+
+def test_built_table_is_complete_readable_and_described(tiny_lut):
+    _, description, path, table = tiny_lut
+    data = json.loads(path.read_text())
+    assert data["complete"] and data["runtime"]["backend"] == "torch" and data["runtime"]["threads"] == 1
+    for field in ("cpu", "machine"):
+        assert data["device"][field]
+    assert data["runtime"]["batch"] == 1 and data["runtime"]["dtype"] == "float32" and data["created"]
+    assert all(v is not None and v > 0 for e in data["entries"].values() for row in e["ms"] for v in row)
+    assert table.predict_ms(description) > 0
+    assert load_lut(path).predict_ms(description) == pytest.approx(table.predict_ms(description))
+
+
+def test_lookup_interpolates_between_grid_points_and_refuses_outside(tiny_lut):
+    _, description, _, table = tiny_lut
+    layer = next(layer for layer in description.layers if layer.kind == "conv" and layer.in_groups)
+    entry = table.data["entries"][signature_key(layer)]
+    assert entry["in"] == [1, 4, 8] and entry["out"] == [1, 4, 8]
+    ms = entry["ms"]
+    assert table.layer_ms(layer, 4, 8) == pytest.approx(ms[1][2])
+    assert table.layer_ms(layer, 6, 8) == pytest.approx((ms[1][2] + ms[2][2]) / 2)
+    assert table.layer_ms(layer, 6, 6) == pytest.approx((ms[1][1] + ms[1][2] + ms[2][1] + ms[2][2]) / 4)
+    with pytest.raises(AutopruneError, match="outside the measured grid") as info:
+        table.layer_ms(layer, 9, 8)
+    assert signature_key(layer) in str(info.value)
+
+
+def test_lut_of_another_model_is_refused(tiny_lut):
+    _, _, _, table = tiny_lut
+    other = describe_network(build_model("resnet20"), (1, 28, 28))
+    with pytest.raises(AutopruneError, match="was built for model 'tiny'"):
+        table.check_model(other)
+    layer = next(layer for layer in other.layers if layer.kind == "conv")
+    with pytest.raises(AutopruneError, match="no entry for layer signature"):
+        table.layer_ms(layer, 1, 16)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{\"format\": \"autoprune-latency-lut\", \"version\": 1, \"entr", "corrupt or truncated"),
+    ("[1, 2, 3]", "not an autoprune latency LUT"),
+    ("{\"format\": \"autoprune-latency-lut\", \"version\": 99}", "format version 99"),
+    ("{\"format\": \"autoprune-latency-lut\", \"version\": 1, \"entries\": {}}", "corrupt"),
+])
+def test_bad_lut_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(AutopruneError, match=message):
+        load_lut(path)
+    with pytest.raises(AutopruneError, match="not found"):
+        load_lut(tmp_path / "missing.json")
+
+
+def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    path = tmp_path / "lut.json"
+    monkeypatch.setattr(latency, "WRITE_EVERY_S", 0.0)
+    real = latency.time_runs
+    calls = {"n": 0}
+
+    def dies_after_ten(run, warmup, runs):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt
+        return real(run, warmup, runs)
+
+    monkeypatch.setattr(latency, "time_runs", dies_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, calibration_samples=2,
+                  progress=False, pin=False)
+    partial = json.loads(path.read_text())
+    assert not partial["complete"]
+    measured = sum(v is not None for e in partial["entries"].values() for row in e["ms"] for v in row)
+    assert measured == 10
+    with pytest.raises(AutopruneError, match="unfinished"):
+        load_lut(path)
+
+    counted = {"n": 0}
+
+    def counting(run, warmup, runs):
+        counted["n"] += 1
+        return real(run, warmup, runs)
+
+    monkeypatch.setattr(latency, "time_runs", counting)
+    table = build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, calibration_samples=2,
+                      progress=False, pin=False)
+    total = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
+    assert counted["n"] == (total - 10) + 3  # the rest of the grid, then base + 2 calibration networks
+    assert table.data["complete"]
+    with pytest.raises(AutopruneError, match="already holds a finished LUT"):
+        build_lut(model, description, TorchBackend(1), path, progress=False, pin=False)
+
+
+def test_onnx_unit_graph_computes_what_the_torch_unit_computes():
+    ort = pytest.importorskip("onnxruntime")
+    description = describe_network(tiny_net(), SHAPE)
+    for layer in description.layers:
+        if layer.kind not in ("conv", "dwconv", "linear"):
+            continue
+        unit = unit_module(layer, 4 if layer.kind != "linear" else 8, 8)
+        with torch.no_grad():
+            for m in unit.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+        shape = latency.unit_input_shape(layer, 4 if layer.kind != "linear" else 8, 8, 2)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        session = ort.InferenceSession(latency._unit_to_onnx(unit, shape), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"x": x})
+        with torch.no_grad():
+            want = unit(torch.from_numpy(x)).numpy()
+        assert np.allclose(got, want, atol=1e-4), layer.name
+
+
+def test_onnxruntime_lut_builds_and_validates(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    backend = get_backend("onnxruntime", 1)
+    table = build_lut(model, description, backend, tmp_path / "ort.json", channel_step=8, warmup=1, runs=3,
+                      calibration_samples=2, progress=False, pin=False)
+    assert table.runtime["backend"] == "onnxruntime" and table.runtime["backend_version"]
+    result = validate_lut(table, model, description, samples=3, warmup=1, runs=3, progress=False)
+    assert len(result["rows"]) == 3 and all(r["measured_ms"] > 0 for r in result["rows"])
+
+
+def test_latency_budgets_go_through_the_lut(tiny_lut):
+    _, description, _, table = tiny_lut
+    policy = uniform_policy(description, 0.5)
+    check = check_budget(parse_budget("50%latency"), description, policy, table)
+    assert check.base == pytest.approx(table.predict_ms(description))
+    assert check.value == pytest.approx(table.predict_policy_ms(description, policy))
+    assert check.limit == pytest.approx(0.5 * check.base)
+    absolute = check_budget(parse_budget(f"{check.value * 1.01:.6f}ms"), description, policy, table)
+    assert absolute.ok
+    with pytest.raises(AutopruneError, match="needs a latency table"):
+        check_budget(parse_budget("50%latency"), description, policy, None)
+    flops = check_budget(parse_budget("50%flops"), description, policy)
+    assert flops.ratio < 0.5 and flops.ok
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+
+
+def test_builder_runs_without_the_search_dependencies(tmp_path):
+    script = (
+        "import sys\n"
+        "for name in ('gymnasium', 'stable_baselines3', 'pandas', 'matplotlib'):\n"
+        "    sys.modules[name] = None\n"
+        "from autoprune.cli import main\n"
+        f"sys.exit(main(['lut', 'build', '--model', 'tests.autoprune.user_model:small_cnn', '--input-shape', '1,8,8',"
+        f" '--runs', '2', '--warmup', '1', '--channel-step', '8', '--calibration-samples', '1', '--quiet',"
+        f" '--out', {str(tmp_path / 'lut.json')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_lut(tmp_path / "lut.json").data["complete"]
+
+
+def test_missing_backend_is_one_clear_line(tmp_path):
+    script = (
+        "import sys\n"
+        "sys.modules['onnxruntime'] = None\n"
+        "from autoprune.cli import main\n"
+        "sys.exit(main(['lut', 'build', '--model', 'tests.autoprune.user_model:small_cnn', '--input-shape', '1,8,8',"
+        f" '--backend', 'onnxruntime', '--out', {str(tmp_path / 'x.json')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "autoprune: error: backend onnxruntime is not installed: pip install onnxruntime "
+        "(or pip install 'autoprune[onnx]')"]
