@@ -266,7 +266,10 @@ def cmd_lut_build(args) -> int:
     from autoprune.latency import build_lut, cpu_model, get_backend
 
     model, description, name = _model_for_lut(args)
-    backend = get_backend(args.backend, args.threads)
+    options = {"optimization": args.ort_optimization} if args.ort_optimization else {}
+    if options and args.backend not in ("onnxruntime", "onnx"):
+        raise AutopruneError("--ort-optimization applies to --backend onnxruntime only")
+    backend = get_backend(args.backend, args.threads, **options)
     if args.out:
         out = Path(args.out)
     else:
@@ -276,7 +279,7 @@ def cmd_lut_build(args) -> int:
         tag = Path(str(args.model)).stem if args.model else "resnet20-fashion-mnist"
         out = Path("latency_luts") / f"{device}-{backend.name}-t{args.threads}-b{args.batch}-{tag}.json"
     table = build_lut(model, description, backend, out, model_name=name, batch=args.batch,
-                      channel_step=args.channel_step, warmup=args.warmup, runs=args.runs,
+                      channel_step=args.channel_step, warmup=args.warmup, runs=args.runs, rounds=args.rounds,
                       calibration_samples=args.calibration_samples, seed=args.seed, progress=not args.quiet)
     entries = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
     c = table.calibration
@@ -293,7 +296,8 @@ def cmd_lut_validate(args) -> int:
 
     table = load_lut(args.lut)
     model, description, _ = _model_for_lut(args)
-    result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, progress=not args.quiet)
+    result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, rounds=args.rounds,
+                          progress=not args.quiet)
     print(f"{'sample':>6} {'predicted ms':>13} {'measured ms':>12} {'error %':>8}")
     for row in result["rows"]:
         print(f"{row['sample']:>6} {row['predicted_ms']:>13.3f} {row['measured_ms']:>12.3f} {row['error_pct']:>8.1f}")
@@ -368,11 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
     p.add_argument("--backend", default="torch", help="torch (eager, CPU) or onnxruntime")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (the process is pinned to as many CPUs)")
+    p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default=None,
+                   help="ONNX Runtime graph optimisation level (default: extended; 'all' adds the NCHWc layout "
+                        "transform, which only channel counts that are multiples of 8 keep)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--channel-step", type=int, default=4, help="grid spacing of channel counts")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs before each entry")
     p.add_argument("--runs", type=int, default=50, help="timed runs per entry (the median is kept)")
-    p.add_argument("--calibration-samples", type=int, default=6,
+    p.add_argument("--rounds", type=int, default=3,
+                   help="passes over the grid; each entry keeps its fastest pass (interference only adds time)")
+    p.add_argument("--calibration-samples", type=int, default=8,
                    help="random pruned networks timed whole to calibrate the layer sum")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="LUT file (default: latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json)")
@@ -386,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
     p.add_argument("--samples", type=int, default=30, help="random policies (keep ratios in [0.2, 1])")
     p.add_argument("--seed", type=int, default=1, help="seed of the random policies (the build calibrates on 0)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="passes over the sample networks; each keeps its fastest (default: max(5, the LUT's))")
     p.add_argument("--out", default=None, help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_lut_validate)

@@ -120,6 +120,10 @@ def unit_module(layer: LayerSpec, cin: int, cout: int) -> nn.Module:
     return nn.Sequential(*parts).eval()
 
 
+def shape_key(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
 def unit_input_shape(layer: LayerSpec, cin: int, cout: int, batch: int) -> tuple[int, ...]:
     if layer.kind == "linear":
         return (batch, cin)
@@ -159,6 +163,12 @@ class LatencyBackend:
     def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
         raise NotImplementedError
 
+    def null_runner(self, input_shape: tuple[int, ...]) -> Callable[[], object]:
+        """One call that does no work on an input of this shape: the runtime's per-call overhead."""
+        unit = nn.Sequential(nn.Identity()).eval()
+        unit._autoprune_unit = True
+        return self.runner(unit, input_shape)
+
     def metadata(self) -> dict:
         return {"backend": self.name, "backend_version": self.version(), "threads": self.threads,
                 "dtype": "float32"}
@@ -188,16 +198,26 @@ class TorchBackend(LatencyBackend):
 
 
 class OnnxRuntimeBackend(LatencyBackend):
-    """ONNX Runtime's CPU execution provider, all graph optimisations, fixed intra-op threads.
+    """ONNX Runtime's CPU execution provider with fixed intra-op threads.
 
-    Single layers are written as ONNX graphs directly (fast); whole networks go through
-    PyTorch's ONNX exporter.
+    `optimization="extended"` (default) applies ONNX Runtime's basic and extended graph
+    fusions (Conv+BatchNorm+activation, ...) but not its NCHWc layout transformation.
+    That transformation ("all") speeds up networks whose channel counts are multiples of
+    8, but pruned layers with other counts fall out of it, so that per-layer
+    latencies no longer add up to the network's; with "all", prune to
+    `--channel-multiple 8`. Single layers are written as ONNX graphs directly (fast);
+    whole networks go through PyTorch's ONNX exporter.
     """
 
     name = "onnxruntime"
+    LEVELS = ("basic", "extended", "all")
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, optimization: str = "extended"):
         super().__init__(threads)
+        if optimization not in self.LEVELS:
+            raise AutopruneError(f"unknown ONNX Runtime optimization level {optimization!r}; "
+                                 f"choose one of {', '.join(self.LEVELS)}")
+        self.optimization = optimization
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -209,6 +229,9 @@ class OnnxRuntimeBackend(LatencyBackend):
 
         return onnxruntime.__version__
 
+    def metadata(self) -> dict:
+        return {**super().metadata(), "graph_optimization": self.optimization}
+
     def _session(self, model_bytes: bytes):
         import onnxruntime as ort
 
@@ -216,7 +239,10 @@ class OnnxRuntimeBackend(LatencyBackend):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.optimization]
         options.log_severity_level = 3
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
@@ -277,6 +303,8 @@ def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
             nodes.append(helper.make_node("Clip", [current, f"lo{i}", f"hi{i}"], [out]))
         elif isinstance(part, nn.ReLU):
             nodes.append(helper.make_node("Relu", [current], [out]))
+        elif isinstance(part, nn.Identity):
+            nodes.append(helper.make_node("Identity", [current], [out]))
         else:
             raise AutopruneError(f"no ONNX form for {type(part).__name__}")
         current = out
@@ -290,13 +318,13 @@ def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
 BACKENDS: dict[str, type[LatencyBackend]] = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend}
 
 
-def get_backend(name: str, threads: int = 1) -> LatencyBackend:
-    """A backend by name: torch or onnxruntime."""
+def get_backend(name: str, threads: int = 1, **options) -> LatencyBackend:
+    """A backend by name (torch, onnxruntime) with its options (e.g. optimization="all")."""
     if name == "onnx":
         name = "onnxruntime"
     if name not in BACKENDS:
         raise AutopruneError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](threads)
+    return BACKENDS[name](threads, **{k: v for k, v in options.items() if v is not None})
 
 
 # ---------------------------------------------------------------- device facts
@@ -359,7 +387,8 @@ class LatencyTable:
         if table is None:
             raise AutopruneError(f"LUT {self.path} has no entry for layer signature {key} ({layer.name}); "
                                  "it was built for another model")
-        ins, outs, ms = table["in"], table["out"], table["ms"]
+        ins, outs = table["in"], table["out"]
+        ms = self._net_grid(key, layer, table)
         x = 0 if layer.kind == "dwconv" else cin
         if layer.kind == "dwconv":
             ins = [0]
@@ -368,6 +397,20 @@ class LatencyTable:
                                  f"channels is outside the measured grid (in {ins[0]}..{ins[-1]}, "
                                  f"out {outs[0]}..{outs[-1]})")
         return _bilinear(ins, outs, ms, x, cout, key)
+
+    def _net_grid(self, key: str, layer: LayerSpec, table: dict) -> list[list[float | None]]:
+        """Entry grid minus the runtime's per-call overhead (paid once per network, not per layer)."""
+        cache = self.__dict__.setdefault("_net_cache", {})
+        if key not in cache:
+            overhead = self.data.get("call_overhead_ms", {})
+            batch = self.runtime.get("batch", 1)
+            grid = []
+            for cin, row in zip(table["in"], table["ms"]):
+                grid.append([None if v is None else
+                             v - overhead.get(shape_key(unit_input_shape(layer, cin, cout, batch)), 0.0)
+                             for cout, v in zip(table["out"], row)])
+            cache[key] = grid
+        return cache[key]
 
     def raw_sum_ms(self, description: NetworkDescription, kept: Mapping[str, int]) -> float:
         total = 0.0
@@ -445,19 +488,38 @@ def random_policies(description: NetworkDescription, count: int, seed: int, low:
     return [{g.name: rng.uniform(low, high) for g in description.groups} for _ in range(count)]
 
 
-def measure_network(backend: LatencyBackend, model: nn.Module, input_shape: tuple[int, int, int], batch: int,
-                    warmup: int, runs: int) -> float:
-    """Median latency of a whole network, in milliseconds."""
-    return time_runs(backend.runner(model, (batch, *input_shape)), warmup, runs)
+def measure_networks(backend: LatencyBackend, models: list[nn.Module], input_shape: tuple[int, int, int],
+                     batch: int, warmup: int, runs: int, rounds: int, progress=None) -> list[float]:
+    """Latency of whole networks in ms: per network, the minimum over `rounds` passes of the
+    median of `runs` timed calls. Passes go over all networks in turn, so a burst of
+    interference from elsewhere on the machine spoils one pass, not every one."""
+    runners = [backend.runner(m, (batch, *input_shape)) for m in models]
+    best = [float("inf")] * len(models)
+    for _ in range(rounds):
+        for i, run in enumerate(runners):
+            best[i] = min(best[i], time_runs(run, warmup, runs))
+            if progress is not None:
+                progress.update(1)
+    return best
+
+
+def _same_settings(old: dict, model_info: dict, runtime: dict, protocol: dict) -> bool:
+    keys = ("warmup", "runs", "rounds", "channel_step", "calibration_samples", "calibration_seed")
+    return (old.get("format") == LUT_FORMAT and old.get("model", {}).get("fingerprint") == model_info["fingerprint"]
+            and all(old.get("runtime", {}).get(k) == runtime[k] for k in ("backend", "threads", "batch"))
+            and all(old.get("protocol", {}).get(k) == protocol[k] for k in keys))
 
 
 def build_lut(model: nn.Module, description: NetworkDescription, backend: LatencyBackend, out: str | os.PathLike,
               *, model_name: str = "", batch: int = 1, channel_step: int = 4, warmup: int = 10, runs: int = 50,
-              calibration_samples: int = 6, seed: int = 0, progress: bool = True, pin: bool = True) -> LatencyTable:
+              rounds: int = 3, calibration_samples: int = 8, seed: int = 0, progress: bool = True,
+              pin: bool = True) -> LatencyTable:
     """Measure a LUT for `description` on this machine and write it to `out`.
 
-    Entries are written as they are measured (atomically, every couple of seconds); a
-    build that finds an unfinished file for the same model and settings continues it.
+    Every entry is measured in `rounds` passes over the whole grid and keeps the minimum
+    of its per-pass medians. Passes are written as they go (atomically, every couple of
+    seconds); a build that finds an unfinished file for the same model and settings
+    continues where it stopped.
     """
     from tqdm.auto import tqdm
 
@@ -467,7 +529,8 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     cpus = pin_process(backend.threads) if pin else None
     plan = plan_grid(description, channel_step)
     runtime = {**backend.metadata(), "batch": batch}
-    protocol = {"warmup": warmup, "runs": runs, "statistic": "median", "channel_step": channel_step,
+    protocol = {"warmup": warmup, "runs": runs, "rounds": rounds,
+                "statistic": "minimum over rounds of the median of runs", "channel_step": channel_step,
                 "pinned_cpus": cpus, "unit": "conv/linear + following BatchNorm and activation",
                 "calibration_samples": calibration_samples, "calibration_seed": seed}
     model_info = {"name": model_name, "fingerprint": model_fingerprint(description),
@@ -478,15 +541,11 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
             old = json.loads(out.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
-        if old and old.get("format") == LUT_FORMAT and old.get("model", {}).get("fingerprint") == \
-                model_info["fingerprint"] and old.get("runtime", {}).get("backend") == runtime["backend"] and \
-                old.get("runtime", {}).get("threads") == runtime["threads"] and \
-                old.get("runtime", {}).get("batch") == batch and old.get("protocol", {}).get("channel_step") == \
-                channel_step and not old.get("complete"):
+        if isinstance(old, dict) and old.get("complete"):
+            raise AutopruneError(f"{out} already holds a finished LUT; choose another --out or delete it")
+        if isinstance(old, dict) and _same_settings(old, model_info, runtime, protocol):
             data = old
             log.info("continuing unfinished LUT %s", out)
-        elif old and old.get("complete"):
-            raise AutopruneError(f"{out} already holds a finished LUT; choose another --out or delete it")
         else:
             raise AutopruneError(f"{out} exists and is not an unfinished LUT for this model and settings; "
                                  "choose another --out or delete it")
@@ -494,47 +553,63 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
         data = {"format": LUT_FORMAT, "version": LUT_VERSION, "complete": False, "model": model_info,
                 "device": device_metadata(), "runtime": runtime, "protocol": protocol,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "entries": {}, "calibration": None}
+                "calibration": None, "call_overhead_ms": {}, "entries": {}}
         for key, entry in plan.items():
-            data["entries"][key] = {"in": entry["in"] if entry["layer"].kind != "dwconv" else [0],
-                                    "out": entry["out"],
-                                    "ms": [[None] * len(entry["out"]) for _ in (entry["in"] or [0])]}
-    total = sum(len(e["in"]) * len(e["out"]) for e in data["entries"].values())
-    done = sum(v is not None for e in data["entries"].values() for row in e["ms"] for v in row)
-    last_write = time.monotonic()
-    bar = tqdm(total=total + calibration_samples + 1, initial=done, desc="LUT", unit="entry", disable=not progress)
+            ins = entry["in"] if entry["layer"].kind != "dwconv" else [0]
+            data["entries"][key] = {"in": ins, "out": entry["out"],
+                                    "ms": [[None] * len(entry["out"]) for _ in ins],
+                                    "rounds_done": [[0] * len(entry["out"]) for _ in ins]}
+    grid_total = rounds * sum(len(e["in"]) * len(e["out"]) for e in data["entries"].values())
+    done = sum(n for e in data["entries"].values() for row in e.get("rounds_done", []) for n in row)
+    bar = tqdm(total=grid_total + rounds * (calibration_samples + 1), initial=done, desc="LUT", unit="run",
+               disable=not progress)
     started = time.perf_counter()
-    for key, table in data["entries"].items():
-        layer = plan[key]["layer"]
-        for i, cin in enumerate(table["in"]):
-            for j, cout in enumerate(table["out"]):
-                if table["ms"][i][j] is not None:
-                    continue
-                unit = unit_module(layer, cin, cout)
-                unit._autoprune_unit = True
-                run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
-                table["ms"][i][j] = round(time_runs(run, warmup, runs), 6)
-                bar.update(1)
-                if time.monotonic() - last_write >= WRITE_EVERY_S:
-                    atomic_write_json(out, data)
-                    last_write = time.monotonic()
+    last_write = time.monotonic()
+    shapes = sorted({unit_input_shape(plan[key]["layer"], cin, cout, batch)
+                     for key, table in data["entries"].items() for cin in table["in"] for cout in table["out"]})
+    overhead_rounds = data.setdefault("call_overhead_rounds", 0)
+    for round_index in range(rounds):
+        if overhead_rounds <= round_index:
+            for shape in shapes:
+                value = round(time_runs(backend.null_runner(shape), warmup, runs), 6)
+                old_value = data["call_overhead_ms"].get(shape_key(shape))
+                data["call_overhead_ms"][shape_key(shape)] = value if old_value is None else min(old_value, value)
+            data["call_overhead_rounds"] = overhead_rounds = round_index + 1
+        for key, table in data["entries"].items():
+            layer = plan[key]["layer"]
+            for i, cin in enumerate(table["in"]):
+                for j, cout in enumerate(table["out"]):
+                    if table["rounds_done"][i][j] > round_index:
+                        continue
+                    unit = unit_module(layer, cin, cout)
+                    unit._autoprune_unit = True
+                    run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
+                    value = round(time_runs(run, warmup, runs), 6)
+                    old_value = table["ms"][i][j]
+                    table["ms"][i][j] = value if old_value is None else min(old_value, value)
+                    table["rounds_done"][i][j] = round_index + 1
+                    bar.update(1)
+                    if time.monotonic() - last_write >= WRITE_EVERY_S:
+                        atomic_write_json(out, data)
+                        last_write = time.monotonic()
     atomic_write_json(out, data)
 
-    # whole-network calibration: base model plus a few random policies
+    # whole-network calibration: the base model plus a few random policies
     table = LatencyTable({**data, "calibration": None}, str(out))
     pruner = ChannelPruner(model, description.input_shape)
-    points = []
-    for policy in [None, *random_policies(description, calibration_samples, seed)]:
-        net = model if policy is None else pruner.prune(policy)
-        kept = None if policy is None else policy_channels(description, policy)
-        measured = measure_network(backend, net, description.input_shape, batch, warmup, runs)
-        points.append({"sum_ms": round(table.raw_sum_ms(description, kept or
-                                                         {g.name: g.channels for g in description.groups}), 6),
-                       "measured_ms": round(measured, 6)})
-        bar.update(1)
+    policies = random_policies(description, calibration_samples, seed)
+    networks = [model] + [pruner.prune(p) for p in policies]
+    measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
+    full = {g.name: g.channels for g in description.groups}
+    kept = [full] + [policy_channels(description, p) for p in policies]
+    points = [{"sum_ms": round(table.raw_sum_ms(description, k), 6), "measured_ms": round(m, 6)}
+              for k, m in zip(kept, measured)]
     bar.close()
+    for entry in data["entries"].values():
+        entry.pop("rounds_done", None)
+    data.pop("call_overhead_rounds", None)
     data["calibration"] = fit_calibration(points)
-    data["build_seconds"] = round(time.perf_counter() - started + data.get("build_seconds", 0.0), 1)
+    data["build_seconds"] = round(time.perf_counter() - started, 1)
     data["complete"] = True
     atomic_write_json(out, data)
     return LatencyTable(data, str(out))
@@ -574,7 +649,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDescription, *, samples: int = 30,
-                 seed: int = 1, warmup: int | None = None, runs: int | None = None,
+                 seed: int = 1, warmup: int | None = None, runs: int | None = None, rounds: int | None = None,
                  progress: bool = True) -> dict:
     """Predicted vs measured whole-network latency for random policies (keep ratios in [0.2, 1])."""
     from tqdm.auto import tqdm
@@ -583,21 +658,26 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
 
     table.check_model(description)
     rt, protocol = table.runtime, table.data["protocol"]
-    backend = get_backend(rt["backend"], rt["threads"])
+    options = {"optimization": rt["graph_optimization"]} if "graph_optimization" in rt else {}
+    backend = get_backend(rt["backend"], rt["threads"], **options)
     pin_process(rt["threads"])
     warmup = protocol["warmup"] if warmup is None else warmup
     runs = protocol["runs"] if runs is None else runs
+    rounds = max(5, protocol.get("rounds", 1)) if rounds is None else rounds
     pruner = ChannelPruner(model, description.input_shape)
+    policies = random_policies(description, samples, seed)
+    bar = tqdm(total=samples * rounds, desc="validate", unit="run", disable=not progress)
+    measured = measure_networks(backend, [pruner.prune(p) for p in policies], description.input_shape, rt["batch"],
+                                warmup, runs, rounds, bar)
+    bar.close()
     rows = []
-    for i, policy in enumerate(tqdm(random_policies(description, samples, seed), desc="validate",
-                                    disable=not progress)):
+    for i, (policy, ms) in enumerate(zip(policies, measured)):
         predicted = table.predict_policy_ms(description, policy)
-        measured = measure_network(backend, pruner.prune(policy), description.input_shape, rt["batch"], warmup, runs)
-        rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": measured,
-                     "error_pct": 100.0 * (predicted - measured) / measured})
+        rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": ms,
+                     "error_pct": 100.0 * (predicted - ms) / ms, "policy": policy})
     abs_err = [abs(r["error_pct"]) for r in rows]
     return {"rows": rows, "median_abs_error_pct": float(np.median(abs_err)),
             "max_abs_error_pct": float(np.max(abs_err)),
             "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
             "backend": rt["backend"], "threads": rt["threads"], "batch": rt["batch"], "samples": samples,
-            "seed": seed}
+            "seed": seed, "rounds": rounds}

@@ -67,7 +67,9 @@ def test_lookup_interpolates_between_grid_points_and_refuses_outside(tiny_lut):
     layer = next(layer for layer in description.layers if layer.kind == "conv" and layer.in_groups)
     entry = table.data["entries"][signature_key(layer)]
     assert entry["in"] == [1, 4, 8] and entry["out"] == [1, 4, 8]
-    ms = entry["ms"]
+    ms = table._net_grid(signature_key(layer), layer, entry)  # entries less the per-call overhead
+    overhead = table.data["call_overhead_ms"]["1x4x12x12"]
+    assert ms[1][2] == pytest.approx(entry["ms"][1][2] - overhead)
     assert table.layer_ms(layer, 4, 8) == pytest.approx(ms[1][2])
     assert table.layer_ms(layer, 6, 8) == pytest.approx((ms[1][2] + ms[2][2]) / 2)
     assert table.layer_ms(layer, 6, 6) == pytest.approx((ms[1][1] + ms[1][2] + ms[2][1] + ms[2][2]) / 4)
@@ -117,12 +119,13 @@ def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
 
     monkeypatch.setattr(latency, "time_runs", dies_after_ten)
     with pytest.raises(KeyboardInterrupt):
-        build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, calibration_samples=2,
+        build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, rounds=2, calibration_samples=2,
                   progress=False, pin=False)
     partial = json.loads(path.read_text())
     assert not partial["complete"]
     measured = sum(v is not None for e in partial["entries"].values() for row in e["ms"] for v in row)
-    assert measured == 10
+    shapes = len(partial["call_overhead_ms"])  # each pass first times a no-op per input shape
+    assert 0 < shapes < 10 and measured == 10 - shapes
     with pytest.raises(AutopruneError, match="unfinished"):
         load_lut(path)
 
@@ -133,10 +136,11 @@ def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
         return real(run, warmup, runs)
 
     monkeypatch.setattr(latency, "time_runs", counting)
-    table = build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, calibration_samples=2,
+    table = build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, rounds=2, calibration_samples=2,
                       progress=False, pin=False)
     total = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
-    assert counted["n"] == (total - 10) + 3  # the rest of the grid, then base + 2 calibration networks
+    # the rest of two passes over overheads and grid, then two passes over base + 2 calibration networks
+    assert counted["n"] == 2 * (shapes + total) - 10 + 2 * 3
     assert table.data["complete"]
     with pytest.raises(AutopruneError, match="already holds a finished LUT"):
         build_lut(model, description, TorchBackend(1), path, progress=False, pin=False)
