@@ -13,3 +13,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/bench_core.py
+	.venv/bin/python bench/bench_lut.py

@@ -101,3 +101,47 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "eval", "info", "prune"):
         assert command in out
+
+
+def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
+    lut = tmp_path / "lut.json"
+    code, out, err = run(capsys, "lut", "build", "--model", str(checkpoint), "--runs", "2", "--warmup", "1",
+                         "--rounds", "1", "--channel-step", "8", "--calibration-samples", "2", "--quiet",
+                         "--out", str(lut))
+    assert code == 0, err
+    assert "layer signatures" in out and json.loads(lut.read_text())["complete"]
+    code, out, err = run(capsys, "lut", "validate", "--lut", str(lut), "--model", str(checkpoint), "--samples", "3",
+                         "--rounds", "1", "--quiet", "--out", str(tmp_path / "v.json"))
+    assert code == 0, err
+    assert "median absolute error" in out and len(json.loads((tmp_path / "v.json").read_text())["rows"]) == 3
+    code, out, err = run(capsys, "info", "--model", str(checkpoint), "--lut", str(lut))
+    assert code == 0 and "ms predicted" in out
+    code, out, err = run(capsys, "prune", "--model", str(checkpoint), "--val-size", "400", "--policy", "uniform:0.5",
+                         "--lut", str(lut), "--budget", "99%latency", "--out", str(tmp_path / "p.pt2"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    assert metrics["lut_latency_ms"] < metrics["lut_latency_ms_base"]
+    assert metrics["budget"]["met"] is True and "budget 99%latency: met" in out
+
+
+def test_lut_bad_inputs(checkpoint, tmp_path, capsys):
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"format": "autoprune-latency-lut", "version": 1, "entries": {"conv|k3')
+    other = tmp_path / "other.json"
+    assert main(["lut", "build", "--model", "vgg", "--runs", "1", "--warmup", "0", "--rounds", "1",
+                 "--channel-step", "64", "--calibration-samples", "1", "--quiet", "--out", str(other)]) == 0
+    capsys.readouterr()
+    cases = {
+        "truncated LUT": (["info", "--model", str(checkpoint), "--lut", str(truncated)], "corrupt or truncated"),
+        "LUT of another model": (["lut", "validate", "--lut", str(other), "--model", str(checkpoint)],
+                                 "was built for model 'vgg'"),
+        "unknown backend": (["lut", "build", "--model", "vgg", "--backend", "tflite"], "unknown backend"),
+        "unknown budget unit": (["prune", "--model", str(checkpoint), "--val-size", "400", "--policy", "uniform:0.5",
+                                 "--budget", "50%watts"], "accepted forms"),
+        "latency budget without LUT": (["prune", "--model", str(checkpoint), "--val-size", "400", "--policy",
+                                        "uniform:0.5", "--budget", "3ms"], "needs a latency table"),
+    }
+    for label, (argv, message) in cases.items():
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (label, err)
