@@ -272,25 +272,24 @@ def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
+
+    def weighted_inputs(part: nn.Module, i: int) -> list[str]:
+        inits.append(numpy_helper.from_array(part.weight.detach().numpy(), f"w{i}"))
+        if part.bias is None:
+            return [current, f"w{i}"]
+        inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
+        return [current, f"w{i}", f"b{i}"]
+
     current = "x"
     for i, part in enumerate(module):
         out = f"t{i}"
         if isinstance(part, nn.Conv2d):
-            inits.append(numpy_helper.from_array(part.weight.detach().numpy(), f"w{i}"))
-            inputs = [current, f"w{i}"]
-            if part.bias is not None:
-                inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
-                inputs.append(f"b{i}")
+            inputs = weighted_inputs(part, i)
             pads = [part.padding[0], part.padding[1], part.padding[0], part.padding[1]]
             nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(part.kernel_size),
                                           strides=list(part.stride), pads=pads, group=part.groups))
         elif isinstance(part, nn.Linear):
-            inits.append(numpy_helper.from_array(part.weight.detach().numpy(), f"w{i}"))
-            inputs = [current, f"w{i}"]
-            if part.bias is not None:
-                inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
-                inputs.append(f"b{i}")
-            nodes.append(helper.make_node("Gemm", inputs, [out], transB=1))
+            nodes.append(helper.make_node("Gemm", weighted_inputs(part, i), [out], transB=1))
         elif isinstance(part, nn.modules.batchnorm._BatchNorm):
             for tag, value in (("s", part.weight), ("o", part.bias), ("m", part.running_mean),
                                ("v", part.running_var)):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from autoprune.costs import count_cost, policy_cost
+from autoprune.latency import cpu_model
 from autoprune.models import DEFAULT_CHECKPOINT, build_model, load_model
 from autoprune.pruning import ChannelPruner, describe_network
 
@@ -38,16 +39,6 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -97,7 +88,7 @@ def main() -> int:
     lines = [
         "## Core: policy application and cost model",
         "",
-        f"`python bench/bench_core.py --threads {args.threads} --repeats {args.repeats}` on {cpu_name()}, "
+        f"`python bench/bench_core.py --threads {args.threads} --repeats {args.repeats}` on {cpu_model()}, "
         f"torch {torch.__version__}, {args.threads} thread(s), Python {platform.python_version()}, "
         f"{datetime.date.today().isoformat()}. FLOPs are MACs at 1x28x28, batch 1.",
         "",
