@@ -1,0 +1,69 @@
+"""Scoring a candidate policy inside a search: prune, recalibrate BatchNorm, measure.
+
+Every searcher (the AMC environment, NetAdapt, the baselines) ranks policies by the
+same signal: the pruned network's accuracy on a fixed subset of the validation split
+held out from the training set, after BatchNorm statistics are re-estimated on a few
+training batches (EagleEye's adaptive BN). The test set is never used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from autoprune.costs import policy_channels
+from autoprune.data import DataBundle
+from autoprune.errors import AutopruneError
+from autoprune.pruning import ChannelPruner
+from autoprune.train import evaluate, recalibrate_bn
+
+
+@dataclass
+class EvaluatorConfig:
+    """How a candidate policy is scored."""
+
+    criterion: str = "l1"  # channel selection inside a group
+    channel_multiple: int = 1  # kept channels rounded to this multiple
+    bn_batches: int = 20  # training batches for BatchNorm recalibration
+    bn_batch_size: int = 64  # images per recalibration batch
+    val_images: int = 2000  # validation images scored per candidate (a fixed subset)
+    seed: int = 0  # recalibration batches and the random criterion
+
+
+class PolicyEvaluator:
+    """Validation accuracy of the base model pruned by a policy, cached per channel plan."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, config: EvaluatorConfig | None = None):
+        self.config = config or EvaluatorConfig()
+        if len(data.val) == 0:
+            raise AutopruneError("the search needs a validation split; use --val-size > 0")
+        self.data = data
+        batches = None
+        if self.config.criterion in ("taylor", "apoz"):
+            import torch
+
+            generator = torch.Generator().manual_seed(self.config.seed)
+            batches = list(data.batches("train", 64, shuffle=True, generator=generator, limit=64 * 8))
+        self.pruner = ChannelPruner(model, data.input_shape, criterion=self.config.criterion, batches=batches,
+                                    channel_multiple=self.config.channel_multiple, seed=self.config.seed)
+        self.description = self.pruner.description
+        self._cache: dict[tuple, float] = {}
+        self.evaluations = 0
+
+    def prune(self, policy: Mapping[str, float]) -> nn.Module:
+        """The pruned network with recalibrated BatchNorm (not fine-tuned)."""
+        model = self.pruner.prune(policy)
+        recalibrate_bn(model, self.data, num_batches=self.config.bn_batches, batch_size=self.config.bn_batch_size,
+                       seed=self.config.seed)
+        return model
+
+    def accuracy(self, policy: Mapping[str, float]) -> float:
+        """Validation accuracy (fraction) of `policy` after BN recalibration."""
+        key = tuple(policy_channels(self.description, policy, self.config.channel_multiple).values())
+        if key not in self._cache:
+            model = self.prune(policy)
+            self._cache[key] = evaluate(model, self.data, "val", limit=self.config.val_images)["accuracy"]
+            self.evaluations += 1
+        return self._cache[key]

@@ -1,0 +1,213 @@
+"""AMC's channel-pruning environment (He et al., ECCV 2018) over autoprune's core."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from autoprune.budgets import Budget, resource_value
+from autoprune.costs import channels_to_keep, count_cost, group_costs
+from autoprune.errors import AutopruneError
+from autoprune.evaluation import PolicyEvaluator
+
+OBSERVATION_FEATURES = ("index", "layer_type", "in_channels", "out_channels", "stride", "kernel", "feature_size",
+                        "cost", "reduced", "rest", "previous_action")
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    """What a finished episode produced; every value is JSON-safe."""
+
+    accuracy: float
+    flops: int
+    params: int
+    latency_ms: float | None
+
+
+def _error(result: EpisodeResult) -> float:
+    return 1.0 - result.accuracy
+
+
+REWARDS: dict[str, Callable[[EpisodeResult], float]] = {
+    # AMC's R_err: minus the validation error
+    "acc": lambda r: -_error(r),
+    # AMC's R_FLOPs: error weighted by log FLOPs, rewarding cheaper networks a little
+    "acc_flops": lambda r: -_error(r) * math.log(max(r.flops, 1)),
+    "acc_params": lambda r: -_error(r) * math.log(max(r.params, 1)),
+    # latency in microseconds, so that the logarithm stays positive
+    "acc_latency": lambda r: -_error(r) * math.log(max(1000.0 * (r.latency_ms or 0.0), 1.0)),
+}
+
+
+class ChannelPruningEnv(gym.Env):
+    """Decide, group by group in network order, how many channels to keep.
+
+    ## Action Space
+    `Box(-1, 1, (1,), float32)`, mapped linearly to a keep ratio in
+    `[lower_bound, 1]`, then rounded to a channel count. The count is clipped so that
+    the budget can still be met if every later group is pruned to the lower bound (AMC's
+    action bound). Every episode therefore ends inside the budget, whatever the agent does.
+
+    ## Observation Space
+    `Box(0, 1, (11,), float32)`, AMC's layer embedding, each feature scaled to [0, 1]:
+    index of the group, layer type (0 conv, 0.5 depthwise, 1 linear), input channels and
+    output channels of its first layer (over the network's largest), stride, kernel,
+    input feature-map size (over the image size), the group's share of the budget's
+    resource, the share already removed by earlier decisions, the share of the groups
+    still to come, and the previous keep ratio.
+
+    ## Rewards
+    Zero until the last step. At the last step the policy is applied (channels removed for
+    real), BatchNorm is recalibrated on a few training batches, and accuracy is measured on
+    a fixed validation subset held out from the training set. The reward comes from
+    `REWARDS[reward]`: `acc` (−error, AMC's R_err), `acc_flops` (−error·log FLOPs),
+    `acc_params` (−error·log params), `acc_latency` (−error·log latency in µs, LUT).
+
+    ## Episode End
+    Terminates after one step per prunable group; never truncates. The final `info`
+    holds `policy` (group → keep ratio), `cost_ratio`, `flops`, `params`,
+    `latency_ms`, `accuracy` and `reward`.
+
+    ## Arguments
+    - `evaluator`: a `PolicyEvaluator` (base model, data, criterion, BN recalibration).
+    - `budget`: a `Budget` (`parse_budget("50%flops")`).
+    - `lut`: a `LatencyTable`, needed for latency budgets and the `acc_latency` reward.
+    - `lower_bound`: smallest keep ratio an action maps to (default 0.2).
+    - `reward`: a key of `REWARDS` (default `acc`).
+
+    ## Version History
+    - v0: first version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, evaluator: PolicyEvaluator, budget: Budget, lut=None, lower_bound: float = 0.2,
+                 reward: str = "acc"):
+        super().__init__()
+        if reward not in REWARDS:
+            raise AutopruneError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
+        if not 0.0 < lower_bound <= 1.0:
+            raise AutopruneError(f"lower bound {lower_bound} must be in (0, 1]")
+        if (budget.metric == "latency" or reward == "acc_latency") and lut is None:
+            raise AutopruneError("a latency budget or reward needs a latency table: pass --lut FILE")
+        self.evaluator = evaluator
+        self.description = evaluator.description
+        if not self.description.groups:
+            raise AutopruneError("the model has no prunable layer; nothing to search")
+        if lut is not None:
+            lut.check_model(self.description)
+        self.budget, self.lut, self.lower_bound, self.reward_name = budget, lut, lower_bound, reward
+        self.groups = self.description.groups
+        multiple = evaluator.config.channel_multiple
+        self._choices = [sorted({channels_to_keep(g.channels, k / g.channels, multiple)
+                                 for k in range(1, g.channels + 1)}) for g in self.groups]
+        self._floor = [channels_to_keep(g.channels, lower_bound, multiple) for g in self.groups]
+        self._full = {g.name: g.channels for g in self.groups}
+        self.base_value = self._value(self._full)
+        self.limit = budget.limit(self.base_value)
+        floor_value = self._value({g.name: c for g, c in zip(self.groups, self._floor)})
+        if floor_value > self.limit:
+            raise AutopruneError(
+                f"budget {budget} is unreachable: even with every group at the lower bound {lower_bound:g} the model "
+                f"keeps {100 * floor_value / self.base_value:.1f} % of its {budget.metric}; lower --lower-bound or "
+                "loosen the budget")
+        self._static = self._static_features()
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        self._kept: dict[str, int] = {}
+        self._t = 0
+        self._previous = 1.0
+
+    # ------------------------------------------------------------ helpers
+
+    def _value(self, kept: dict[str, int]) -> float:
+        return resource_value(self.budget.metric, self.description, kept, self.lut)
+
+    def _static_features(self) -> np.ndarray:
+        layers = {layer.name: layer for layer in self.description.layers}
+        shares = group_costs(self.description)
+        total_flops = max(1, count_cost(self.description).flops)
+        firsts = [layers[g.producers[0]] for g in self.groups]
+        max_in = max(max(layer.in_channels for layer in firsts), 1)
+        max_out = max(g.channels for g in self.groups)
+        max_stride = max(max(layer.stride) for layer in firsts)
+        max_kernel = max(max(layer.kernel) for layer in firsts)
+        image = max(self.description.input_shape[1], 1)
+        rows = []
+        for t, (g, first) in enumerate(zip(self.groups, firsts)):
+            kind = 1.0 if first.kind == "linear" else 0.5 if any(
+                layers[p].kind == "dwconv" for p in g.producers) else 0.0
+            rows.append([t / max(1, len(self.groups) - 1), kind, first.in_channels / max_in, g.channels / max_out,
+                         max(first.stride) / max_stride, max(first.kernel) / max_kernel,
+                         first.in_size[0] / image, shares[g.name].flops / total_flops])
+        return np.asarray(rows, dtype=np.float64)
+
+    def _observation(self) -> np.ndarray:
+        t = min(self._t, len(self.groups) - 1)
+        current = {**self._full, **self._kept}
+        reduced = (self.base_value - self._value(current)) / self.base_value
+        rest = sum(self._static[i, 7] for i in range(t + 1, len(self.groups)))
+        obs = np.concatenate([self._static[t], [reduced, rest, self._previous]])
+        return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def max_feasible(self, t: int) -> int:
+        """Largest count for group t such that the budget holds with later groups at the lower bound."""
+        later = {g.name: self._floor[i] for i, g in enumerate(self.groups) if i > t}
+        choices = self._choices[t]
+
+        def fits(count: int) -> bool:
+            return self._value({**self._full, **self._kept, **later, self.groups[t].name: count}) <= self.limit
+
+        lo, hi = choices.index(self._floor[t]), len(choices) - 1
+        while lo < hi:  # the cost grows with the count: binary search, then check
+            mid = (lo + hi + 1) // 2
+            if fits(choices[mid]):
+                lo = mid
+            else:
+                hi = mid - 1
+        while lo > 0 and not fits(choices[lo]):
+            lo -= 1  # a latency table need not be monotone everywhere
+        return choices[lo]
+
+    def action_to_count(self, t: int, action: float) -> int:
+        """Keep ratio from the action, rounded to a channel count, clipped to the action bound."""
+        action = float(np.clip(action, -1.0, 1.0))
+        ratio = self.lower_bound + (action + 1.0) / 2.0 * (1.0 - self.lower_bound)
+        g = self.groups[t]
+        count = channels_to_keep(g.channels, ratio, self.evaluator.config.channel_multiple)
+        return int(min(max(count, self._floor[t]), self.max_feasible(t)))
+
+    # ------------------------------------------------------------ Gymnasium API
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._kept, self._t, self._previous = {}, 0, 1.0
+        return self._observation(), {}
+
+    def step(self, action):
+        if self._t >= len(self.groups):
+            raise RuntimeError("step() called after the episode ended; call reset()")
+        t = self._t
+        g = self.groups[t]
+        count = self.action_to_count(t, float(np.asarray(action, dtype=np.float64).reshape(-1)[0]))
+        self._kept[g.name] = count
+        self._previous = count / g.channels
+        self._t += 1
+        if self._t < len(self.groups):
+            return self._observation(), 0.0, False, False, {}
+        policy = {gg.name: self._kept[gg.name] / gg.channels for gg in self.groups}
+        accuracy = self.evaluator.accuracy(policy)
+        cost = count_cost(self.description, self._kept)
+        latency = self.lut.predict_ms(self.description, self._kept) if self.lut is not None else None
+        result = EpisodeResult(accuracy=accuracy, flops=cost.flops, params=cost.params, latency_ms=latency)
+        reward = float(REWARDS[self.reward_name](result))
+        value = self._value(self._kept)
+        info = {"policy": policy, "channels": dict(self._kept), "cost_ratio": value / self.base_value,
+                "accuracy": accuracy, "flops": cost.flops, "params": cost.params, "latency_ms": latency,
+                "reward": reward}
+        return self._observation(), reward, True, False, info

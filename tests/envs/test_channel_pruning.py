@@ -1,0 +1,105 @@
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from autoprune.budgets import parse_budget
+from autoprune.costs import count_cost
+from autoprune.errors import AutopruneError
+from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+from autoprune.latency import TorchBackend, build_lut
+from autoprune.pruning import describe_network
+from envs.channel_pruning import OBSERVATION_FEATURES, REWARDS, ChannelPruningEnv
+
+FAST = EvaluatorConfig(bn_batches=2, bn_batch_size=32, val_images=64)
+
+
+@pytest.fixture(scope="module")
+def evaluator(trained_tiny, synthetic_data):
+    return PolicyEvaluator(trained_tiny, synthetic_data, FAST)
+
+
+@pytest.fixture(scope="module")
+def tiny_lut(trained_tiny, tmp_path_factory):
+    description = describe_network(trained_tiny, (1, 28, 28))
+    path = tmp_path_factory.mktemp("lut") / "tiny.json"
+    return build_lut(trained_tiny, description, TorchBackend(1), path, channel_step=4, warmup=0, runs=1, rounds=1,
+                     calibration_samples=2, progress=False, pin=False)
+
+
+def run_episode(env, actions):
+    obs, _ = env.reset(seed=0)
+    for t in range(len(env.groups)):
+        assert env.observation_space.contains(obs)
+        obs, reward, terminated, truncated, info = env.step(np.array([actions[t]], dtype=np.float32))
+        assert not truncated and terminated == (t == len(env.groups) - 1)
+    return reward, info
+
+
+def test_passes_gymnasium_and_sb3_checkers_without_warnings(evaluator):
+    env = ChannelPruningEnv(evaluator, parse_budget("50%flops"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env, skip_render_check=True)
+        sb3_check_env(env, warn=True)
+
+
+def test_registered_with_a_versioned_id(evaluator):
+    env = gym.make(envs.ENV_ID, evaluator=evaluator, budget=parse_budget("50%flops"))
+    assert isinstance(env.unwrapped, ChannelPruningEnv)
+    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (11,)
+
+
+@pytest.mark.parametrize("budget", ["30%flops", "50%flops", "40%params"])
+def test_every_episode_ends_inside_the_budget(evaluator, budget):
+    env = ChannelPruningEnv(evaluator, parse_budget(budget))
+    rng = np.random.default_rng(0)
+    sequences = [np.ones(len(env.groups)), -np.ones(len(env.groups)),  # keep everything / prune hardest
+                 np.r_[np.ones(len(env.groups) // 2), -np.ones(len(env.groups) - len(env.groups) // 2)],
+                 np.r_[-np.ones(len(env.groups) // 2), np.ones(len(env.groups) - len(env.groups) // 2)]]
+    sequences += [rng.uniform(-1, 1, len(env.groups)) for _ in range(4)]
+    for actions in sequences:
+        _, info = run_episode(env, actions)
+        assert info["cost_ratio"] <= parse_budget(budget).fraction + 1e-9
+        # the environment's accounting equals what is counted on the physically pruned network
+        pruned = evaluator.pruner.prune(info["policy"])
+        counted = count_cost(describe_network(pruned, (1, 28, 28)))
+        assert (counted.flops, counted.params) == (info["flops"], info["params"])
+
+
+def test_latency_budget_is_met_through_the_lut(evaluator, tiny_lut):
+    # the tiny network is dominated by per-operator overhead: its latency floor is high
+    env = ChannelPruningEnv(evaluator, parse_budget("85%latency"), lut=tiny_lut, reward="acc_latency")
+    for actions in (np.ones(len(env.groups)), np.random.default_rng(1).uniform(-1, 1, len(env.groups))):
+        reward, info = run_episode(env, actions)
+        assert info["cost_ratio"] <= 0.85 + 1e-9
+        assert info["latency_ms"] == pytest.approx(tiny_lut.predict_ms(env.description, info["channels"]))
+        assert info["cost_ratio"] == pytest.approx(info["latency_ms"] / env.base_value)
+        assert reward == pytest.approx(REWARDS["acc_latency"](env_result(info)))
+
+
+def env_result(info):
+    from envs.channel_pruning import EpisodeResult
+
+    return EpisodeResult(accuracy=info["accuracy"], flops=info["flops"], params=info["params"],
+                         latency_ms=info["latency_ms"])
+
+
+def test_same_seed_same_episode(evaluator):
+    env = ChannelPruningEnv(evaluator, parse_budget("50%flops"), reward="acc_flops")
+    actions = np.random.default_rng(3).uniform(-1, 1, len(env.groups))
+    first, second = run_episode(env, actions), run_episode(env, actions)
+    assert first == second
+
+
+def test_unreachable_budget_and_bad_arguments(evaluator):
+    with pytest.raises(AutopruneError, match="unreachable"):
+        ChannelPruningEnv(evaluator, parse_budget("3%flops"))
+    with pytest.raises(AutopruneError, match="unknown reward"):
+        ChannelPruningEnv(evaluator, parse_budget("50%flops"), reward="speed")
+    with pytest.raises(AutopruneError, match="needs a latency table"):
+        ChannelPruningEnv(evaluator, parse_budget("50%latency"))
