@@ -1,0 +1,194 @@
+"""AMC's DDPG agent, built from stable-baselines3's DDPG and its extension points.
+
+He et al. (AMC, ECCV 2018) train DDPG with: actor and critic of 300-300 units, γ = 1,
+τ = 0.01, batch 64, actor learning rate 1e-4 and critic 1e-3, 100 warm-up episodes of
+uniformly random actions, then truncated-normal exploration noise around the actor's
+action with σ = 0.5 (on a [0, 1] action scale) decaying ×0.95 per episode, and the
+episode's final reward, less a moving-average baseline, credited to every step.
+
+Here that is SB3's `DDPG` with:
+- `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action;
+- `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends and then
+  stores every step with the final reward minus the baseline;
+- `EpisodeTracker`, a callback that decays the noise, records each episode and keeps
+  the best policy seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from stable_baselines3 import DDPG
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
+
+
+@dataclass
+class AMCConfig:
+    """DDPG settings, AMC's values by default."""
+
+    episodes: int = 400  # episodes in all, warm-up included
+    warmup_episodes: int = 100  # episodes of uniformly random actions before learning
+    hidden: tuple[int, int] = (300, 300)  # actor and critic hidden layers
+    gamma: float = 1.0  # discount
+    tau: float = 0.01  # soft target update
+    batch_size: int = 64  # transitions per update
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    noise_sigma: float = 0.5  # initial exploration noise, in keep-ratio action units ([0, 1])
+    noise_decay: float = 0.95  # per episode after warm-up
+    moving_alpha: float = 0.5  # weight of the past in the reward baseline
+    buffer_size: int = 100_000  # transitions kept
+
+
+class TruncatedNormalNoise(ActionNoise):
+    """Normal noise around an action, truncated to the action bounds [-1, 1].
+
+    `sigma` is given on AMC's [0, 1] action scale and doubled for SB3's [-1, 1] scale.
+    """
+
+    def __init__(self, sigma: float, decay: float, seed: int = 0):
+        super().__init__()
+        self.initial_sigma = sigma
+        self.sigma = sigma
+        self.decay = decay
+        self.rng = np.random.default_rng(seed)
+
+    def sample_around(self, action: np.ndarray) -> np.ndarray:
+        """One draw from N(action, (2σ)²) restricted to [-1, 1] (by rejection)."""
+        scale = 2.0 * self.sigma
+        out = np.array(action, dtype=np.float64, copy=True)
+        flat = out.reshape(-1)
+        for i, mu in enumerate(flat):
+            if scale <= 0:
+                continue
+            for _ in range(1000):
+                candidate = self.rng.normal(mu, scale)
+                if -1.0 <= candidate <= 1.0:
+                    flat[i] = candidate
+                    break
+            else:
+                flat[i] = float(np.clip(mu, -1.0, 1.0))
+        return out
+
+    def __call__(self) -> np.ndarray:
+        return np.zeros(1)  # SB3's additive path is unused: AMCDDPG samples around the action
+
+    def step(self) -> None:
+        """Decay σ after an episode."""
+        self.sigma *= self.decay
+
+    def reset(self) -> None:
+        """SB3 calls this at every episode end; σ follows its own schedule, so nothing resets."""
+
+
+class EpisodeRewardBuffer(ReplayBuffer):
+    """Holds an episode's transitions and stores them when it ends, each rewarded with the
+    final reward minus a moving-average baseline of past final rewards (AMC)."""
+
+    def __init__(self, *args, moving_alpha: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.moving_alpha = moving_alpha
+        self.baseline: float | None = None
+        self._pending: list[tuple] = []
+
+    def add(self, obs, next_obs, action, reward, done, infos: list[dict[str, Any]]) -> None:
+        self._pending.append((obs, next_obs, action, done, infos))
+        if not bool(np.asarray(done).reshape(-1)[0]):
+            return
+        final = float(np.asarray(reward).reshape(-1)[0])
+        if self.baseline is None:
+            self.baseline = final
+        advantage = final - self.baseline
+        self.baseline = self.moving_alpha * self.baseline + (1 - self.moving_alpha) * final
+        for o, n, a, d, i in self._pending:
+            super().add(o, n, a, np.array([advantage], dtype=np.float32), d, i)
+        self._pending = []
+
+
+class AMCDDPG(DDPG):
+    """SB3's DDPG with separate actor/critic learning rates and AMC's truncated noise."""
+
+    def __init__(self, *args, actor_lr: float = 1e-4, critic_lr: float = 1e-3, **kwargs):
+        self.actor_lr, self.critic_lr = actor_lr, critic_lr
+        super().__init__(*args, **kwargs)
+
+    def _update_learning_rate(self, optimizers) -> None:
+        if not isinstance(optimizers, list):
+            optimizers = [optimizers]
+        self.logger.record("train/learning_rate", self.critic_lr)
+        for optimizer in optimizers:
+            lr = self.actor_lr if optimizer is self.actor.optimizer else self.critic_lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def _sample_action(self, learning_starts, action_noise=None, n_envs=1):
+        action, buffer_action = super()._sample_action(learning_starts, None, n_envs)
+        if isinstance(action_noise, TruncatedNormalNoise) and self.num_timesteps >= learning_starts:
+            buffer_action = action_noise.sample_around(buffer_action).astype(np.float32)
+            action = self.policy.unscale_action(buffer_action)
+        return action, buffer_action
+
+
+class EpisodeTracker(BaseCallback):
+    """Decays the noise after warm-up, records every episode and the best policy seen.
+
+    `on_episode(record)` is called with a JSON-safe dict per finished episode, and
+    `on_best(record)` whenever the best reward improves.
+    """
+
+    def __init__(self, noise: TruncatedNormalNoise, warmup_episodes: int,
+                 on_episode: Callable[[dict], None] | None = None, on_best: Callable[[dict], None] | None = None):
+        super().__init__()
+        self.noise = noise
+        self.warmup_episodes = warmup_episodes
+        self.on_episode, self.on_best = on_episode, on_best
+        self.episode = 0
+        self.best: dict | None = None
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            if not done:
+                continue
+            self.episode += 1
+            record = {"episode": self.episode, "reward": info["reward"], "accuracy": info["accuracy"],
+                      "cost_ratio": info["cost_ratio"], "flops": info["flops"], "params": info["params"],
+                      "latency_ms": info["latency_ms"],
+                      "noise_sigma": 0.0 if self.episode <= self.warmup_episodes else self.noise.sigma,
+                      "warmup": self.episode <= self.warmup_episodes, "policy": info["policy"]}
+            if self.episode > self.warmup_episodes:
+                self.noise.step()
+            if self.on_episode is not None:
+                self.on_episode(record)
+            if self.best is None or record["reward"] > self.best["reward"]:
+                self.best = record
+                if self.on_best is not None:
+                    self.on_best(record)
+        return True
+
+
+def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, TruncatedNormalNoise]:
+    """AMC's DDPG on a ChannelPruningEnv (one step per prunable group)."""
+    steps = len(env.unwrapped.groups)
+    noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed)
+    agent = AMCDDPG(
+        "MlpPolicy", env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
+        buffer_size=config.buffer_size, learning_starts=config.warmup_episodes * steps,
+        batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=(1, "episode"),
+        gradient_steps=-1, action_noise=noise, replay_buffer_class=EpisodeRewardBuffer,
+        replay_buffer_kwargs={"moving_alpha": config.moving_alpha},
+        policy_kwargs={"net_arch": {"pi": list(config.hidden), "qf": list(config.hidden)}},
+        seed=seed, device="cpu", verbose=0)
+    return agent, noise
+
+
+def search_policy(env, config: AMCConfig, seed: int = 0, on_episode=None, on_best=None) -> dict:
+    """Run AMC's search for `config.episodes` episodes; returns the best episode's record."""
+    agent, noise = make_agent(env, config, seed)
+    tracker = EpisodeTracker(noise, config.warmup_episodes, on_episode, on_best)
+    agent.learn(total_timesteps=config.episodes * len(env.unwrapped.groups), callback=tracker)
+    return tracker.best

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from agents.ddpg import AMCConfig, EpisodeRewardBuffer, TruncatedNormalNoise, make_agent, search_policy
+from autoprune.budgets import parse_budget
+from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+from envs.channel_pruning import ChannelPruningEnv
+
+FAST = EvaluatorConfig(bn_batches=2, bn_batch_size=32, val_images=64)
+SMALL = AMCConfig(episodes=6, warmup_episodes=3)
+
+
+@pytest.fixture(scope="module")
+def env(trained_tiny, synthetic_data):
+    return ChannelPruningEnv(PolicyEvaluator(trained_tiny, synthetic_data, FAST), parse_budget("50%flops"))
+
+
+def test_configured_as_amc(env):
+    agent, noise = make_agent(env, AMCConfig())
+    assert agent.gamma == 1.0 and agent.tau == 0.01 and agent.batch_size == 64
+    assert agent.learning_starts == 100 * len(env.groups)
+    sizes = [m.out_features for m in agent.actor.mu if hasattr(m, "out_features")]
+    assert sizes[:2] == [300, 300]
+    assert isinstance(agent.replay_buffer, EpisodeRewardBuffer) and noise.sigma == 0.5
+
+
+def test_same_seed_same_best_policy(env):
+    records = []
+    first = search_policy(env, SMALL, seed=7, on_episode=records.append)
+    second = search_policy(env, SMALL, seed=7)
+    assert first["policy"] == second["policy"] and first["reward"] == second["reward"]
+    assert [r["episode"] for r in records] == list(range(1, 7))
+    assert [r["warmup"] for r in records] == [True] * 3 + [False] * 3
+    sigmas = [r["noise_sigma"] for r in records[3:]]
+    assert sigmas == pytest.approx([0.5, 0.5 * 0.95, 0.5 * 0.95 ** 2])
+    assert all(r["cost_ratio"] <= 0.5 + 1e-9 for r in records)
+    assert first["reward"] == max(r["reward"] for r in records)
+
+
+def test_truncated_noise_stays_in_bounds():
+    noise = TruncatedNormalNoise(0.5, 0.95, seed=0)
+    draws = np.array([noise.sample_around(np.array([0.9]))[0] for _ in range(2000)])
+    assert draws.min() >= -1 and draws.max() <= 1
+    assert 0.2 < draws.mean() < 0.9  # pulled inwards by the bound, centred near the action
+
+
+def test_final_reward_is_credited_to_every_step_less_the_baseline(env):
+    agent, _ = make_agent(env, SMALL)
+    buffer = agent.replay_buffer
+    obs = np.zeros((1, 11), np.float32)
+    for episode_reward in (2.0, 4.0):
+        for step in range(3):
+            done = step == 2
+            buffer.add(obs, obs, np.zeros((1, 1), np.float32), np.array([episode_reward if done else 0.0]),
+                       np.array([done]), [{}])
+    rewards = buffer.rewards[:buffer.pos, 0]
+    # first episode: baseline = its own reward -> 0; second: 4 - 2 (baseline) = 2
+    assert rewards.tolist() == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
+    assert buffer.baseline == pytest.approx(3.0)
