@@ -162,12 +162,12 @@ class EpisodeTracker(BaseCallback):
                       "warmup": self.episode <= self.warmup_episodes, "policy": info["policy"]}
             if self.episode > self.warmup_episodes:
                 self.noise.step()
-            if self.on_episode is not None:
-                self.on_episode(record)
             if self.best is None or record["reward"] > self.best["reward"]:
                 self.best = record
                 if self.on_best is not None:
                     self.on_best(record)
+            if self.on_episode is not None:
+                self.on_episode(record)
         return True
 
 

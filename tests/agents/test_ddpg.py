@@ -57,3 +57,33 @@ def test_final_reward_is_credited_to_every_step_less_the_baseline(env):
     # first episode: baseline = its own reward -> 0; second: 4 - 2 (baseline) = 2
     assert rewards.tolist() == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
     assert buffer.baseline == pytest.approx(3.0)
+
+
+def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch):
+    import agents.amc as amc
+    from autoprune.runs import Run
+
+    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
+    amc.run_amc(reference, env, SMALL, seed=3, progress=False)
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    real_save = amc._save_state
+    calls = {"n": 0}
+
+    def save_then_die(*args):
+        real_save(*args)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(amc, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        amc.run_amc(run, env, SMALL, seed=3, progress=False)
+    assert [int(r["episode"]) for r in run.read_history()] == [1, 2, 3, 4]
+    monkeypatch.setattr(amc, "_save_state", real_save)
+    best = amc.run_amc(run, env, SMALL, seed=3, progress=False)
+    rows = run.read_history()
+    assert [int(r["episode"]) for r in rows] == list(range(1, 7))
+    # warm-up episodes replay identically; the best policy file matches what the search returned
+    assert [r["reward"] for r in rows[:3]] == [r["reward"] for r in reference.read_history()[:3]]
+    assert run.read_best_policy()["policy"] == best["policy"]

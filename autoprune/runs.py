@@ -1,0 +1,123 @@
+"""Run directories: everything a search produces, written so that a crash loses nothing.
+
+    runs/<time>-<agent>-<budget>/
+        config.json        what was asked for (model, data, budget, agent settings, seed)
+        history.csv        one row per episode / iteration (rewritten atomically)
+        best_policy.json   group -> keep ratio of the best candidate so far
+        state/             the searcher's resume state
+        model.pt2          the pruned, fine-tuned network (loads without its class)
+        metrics.json       final figures
+        keep_ratios.png    per-group keep ratios of the best policy
+        report.md          a short human-readable report
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+from pathlib import Path
+
+from autoprune.errors import AutopruneError
+from autoprune.io import atomic_write_json, atomic_write_text
+
+CONFIG = "config.json"
+HISTORY = "history.csv"
+BEST_POLICY = "best_policy.json"
+METRICS = "metrics.json"
+
+
+def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
+    """A fresh directory name runs/<UTC time>-<agent>-<budget> (not yet created)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{stamp}-{agent}-{budget_tag}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{stamp}-{agent}-{budget_tag}-{suffix}"
+    return path
+
+
+class Run:
+    """One run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict) -> Run:
+        run = cls(path)
+        if run.path.exists() and any(run.path.iterdir()):
+            raise AutopruneError(f"{run.path} already exists and is not empty; use --resume {run.path} to continue it")
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.path / CONFIG, config)
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Run:
+        run = cls(path)
+        if not (run.path / CONFIG).is_file():
+            raise AutopruneError(f"{run.path} is not a run directory (no {CONFIG})")
+        return run
+
+    @property
+    def config(self) -> dict:
+        try:
+            return json.loads((self.path / CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AutopruneError(f"cannot read {self.path / CONFIG}: {exc}") from None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / "state"
+
+    def read_history(self) -> list[dict]:
+        path = self.path / HISTORY
+        if not path.is_file():
+            return []
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_history(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / HISTORY, buffer.getvalue())
+
+    def write_best_policy(self, policy: dict, **extra) -> None:
+        atomic_write_json(self.path / BEST_POLICY, {"policy": policy, **extra})
+
+    def read_best_policy(self) -> dict | None:
+        path = self.path / BEST_POLICY
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.path / METRICS, metrics)
+
+    def plot_keep_ratios(self, policy: dict, channels: dict[str, int], title: str) -> Path:
+        """Bar chart of the keep ratio of every group (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(policy)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.6))
+        ax.bar(range(len(names)), [policy[n] for n in names], color="#4c72b0")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{n} ({channels[n]})" for n in names], rotation=75, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("keep ratio")
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        path = self.path / "keep_ratios.png"
+        tmp = path.with_name(".keep_ratios.png.tmp")
+        fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
