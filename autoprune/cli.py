@@ -309,6 +309,72 @@ def cmd_lut_validate(args) -> int:
     return 0
 
 
+SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
+               "reward", "criterion", "lut", "lower_bound", "channel_multiple", "val_images", "bn_batches",
+               "finetune_epochs", "finetune_lr", "seed")
+
+
+def cmd_search(args) -> int:
+    from autoprune.budgets import parse_budget
+    from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+    from autoprune.runs import Run, new_run_dir
+    from autoprune.train import TrainConfig, seed_everything
+
+    if args.resume:
+        run = Run.open(args.resume)
+        saved = run.config
+        for key in SEARCH_KEYS:
+            setattr(args, key, saved.get(key))
+        args.no_download = True
+    if args.budget is None:
+        raise AutopruneError("--budget is required, e.g. --budget 50%flops (or --resume RUN_DIR)")
+    if args.agent != "ddpg":
+        raise AutopruneError(f"unknown agent {args.agent!r}; this version has: ddpg")
+    budget = parse_budget(args.budget)
+    if budget.metric == "latency" and not args.lut:
+        raise AutopruneError("a latency budget needs a latency table: pass --lut FILE "
+                             "(build one with `autoprune lut build` on the target device)")
+    if args.episodes < 1 or args.warmup_episodes < 0 or args.warmup_episodes > args.episodes:
+        raise AutopruneError("--episodes must be at least 1 and --warmup-episodes between 0 and --episodes")
+
+    seed_everything(args.seed)
+    model, meta, data = _model_and_data(args)
+    table = None
+    if args.lut:
+        from autoprune.latency import load_lut
+
+        table = load_lut(args.lut)
+    evaluator = PolicyEvaluator(model, data, EvaluatorConfig(
+        criterion=args.criterion, channel_multiple=args.channel_multiple, bn_batches=args.bn_batches,
+        val_images=args.val_images, seed=args.seed))
+
+    import envs  # noqa: F401 - registers the environment
+    from agents.amc import run_amc
+    from agents.ddpg import AMCConfig
+    from envs.channel_pruning import ChannelPruningEnv
+
+    env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward)
+    if not args.resume:
+        config = {key: getattr(args, key) for key in SEARCH_KEYS}
+        config.update(model_name=args.model or "default (resnet20 on fashion-mnist)", data=data.name,
+                      groups=[g.name for g in evaluator.description.groups],
+                      command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
+        path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
+        run = Run.create(path, config)
+    started = time.perf_counter()
+    best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
+                   seed=args.seed, progress=not args.quiet)
+    search_seconds = time.perf_counter() - started
+    from autoprune.report import finish_run
+
+    finish_run(run, evaluator, best["policy"], budget=budget, lut=table, search_seconds=search_seconds,
+                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed),
+                         progress=not args.quiet)
+    print((run.path / "report.md").read_text())
+    print(f"run directory: {run.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -361,6 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lut", default=None, help="latency LUT: report the predicted latency")
     p.add_argument("--budget", default=None, help="report whether the policy meets it, e.g. 50%%flops, 3.5ms")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("search", help="find a per-group pruning policy under a budget (AMC: DDPG), prune, "
+                                      "fine-tune, report")
+    p.add_argument("--budget", default=None, help="e.g. 50%%flops, 30%%params, 50%%latency (with --lut), 20MFLOPs, 3.5ms")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--agent", default="ddpg", help="ddpg (AMC)")
+    p.add_argument("--episodes", type=int, default=400, help="episodes in all, warm-up included (AMC: 400)")
+    p.add_argument("--warmup-episodes", type=int, default=100, help="episodes of random actions first (AMC: 100)")
+    p.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
+    p.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"))
+    p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
+    p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio an action can choose")
+    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
+    p.add_argument("--val-images", type=int, default=2000, help="validation images scored per candidate")
+    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="long-term fine-tune of the best policy")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
+    p.add_argument("--out", default=None, help="run directory (default: runs/TIME-AGENT-BUDGET)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed search")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
 
     lut = sub.add_parser("lut", help="latency lookup tables measured on this device")
     lut_sub = lut.add_subparsers(dest="lut_command", metavar="LUT_COMMAND", required=True)

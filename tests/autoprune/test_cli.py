@@ -145,3 +145,50 @@ def test_lut_bad_inputs(checkpoint, tmp_path, capsys):
         code, out, err = run(capsys, *argv)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (label, err)
+
+
+SEARCH_FAST = ["--val-size", "400", "--episodes", "3", "--warmup-episodes", "2", "--val-images", "100",
+               "--bn-batches", "2", "--finetune-epochs", "1", "--quiet"]
+
+
+def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
+                            *SEARCH_FAST)
+    assert code == 0, err
+    for name in ("config.json", "history.csv", "best_policy.json", "model.pt2", "metrics.json", "keep_ratios.png",
+                 "report.md"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["flops_ratio"] <= 0.5 and "MACs" in (out / "report.md").read_text()
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 3
+    code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 0, err
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+def test_search_bad_inputs_leave_no_run_directory(checkpoint, tmp_path, capsys):
+    (tmp_path / "flat.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cases = {
+            "unreachable": (["--model", str(checkpoint), "--budget", "2%flops"], "unreachable"),
+            "above 100": (["--model", str(checkpoint), "--budget", "150%flops"], "above 100"),
+            "malformed": (["--model", str(checkpoint), "--budget", "fifty"], "accepted forms"),
+            "no prunable layer": (["--model", "flat:make", "--data", "synthetic", "--budget", "50%flops"],
+                                  "no prunable layer"),
+            "latency without LUT": (["--model", str(checkpoint), "--budget", "50%latency"], "needs a latency table"),
+        }
+        for label, (argv, message) in cases.items():
+            out = tmp_path / label.replace(" ", "_")
+            code, _, err = run(capsys, "search", *argv, "--out", str(out), *SEARCH_FAST)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and message in lines[0], (label, err)
+            assert not out.exists(), label
+    finally:
+        sys.path.remove(str(tmp_path))
