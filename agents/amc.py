@@ -58,11 +58,15 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     bar = tqdm(total=config.episodes, initial=tracker.episode, desc="AMC search", unit="episode",
                disable=not progress)
     started = [time.perf_counter()]
+    base = env.unwrapped.base_costs()
 
     def on_episode(record: dict) -> None:
         now = time.perf_counter()
-        history.append({key: record[key] for key in ("episode", "reward", "accuracy", "cost_ratio", "flops",
-                                                      "params", "latency_ms", "noise_sigma", "warmup")}
+        ratios = {"flops_ratio": record["flops"] / base["flops"], "params_ratio": record["params"] / base["params"],
+                  "latency_ratio": (record["latency_ms"] / base["latency_ms"]
+                                    if record["latency_ms"] is not None else None)}
+        history.append({key: record[key] for key in ("episode", "reward", "accuracy")} | ratios
+                       | {key: record[key] for key in ("cost_ratio", "noise_sigma", "warmup")}
                        | {"seconds": round(now - started[0], 3)})
         started[0] = now
         run.write_history(history)

@@ -86,7 +86,7 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, split: str = "test", *, batch_size: int = 500,
+def evaluate(model: nn.Module, data: DataBundle, split: str = "test", *, batch_size: int = 128,
              limit: int | None = None) -> dict[str, float]:
     """Accuracy (fraction correct) and mean cross-entropy of `model` on a split."""
     correct, total, loss_sum = 0, 0, 0.0

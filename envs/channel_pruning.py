@@ -125,6 +125,12 @@ class ChannelPruningEnv(gym.Env):
 
     # ------------------------------------------------------------ helpers
 
+    def base_costs(self) -> dict:
+        """FLOPs, parameters and (with a LUT) latency of the unpruned network."""
+        cost = count_cost(self.description)
+        latency = self.lut.predict_ms(self.description) if self.lut is not None else None
+        return {"flops": cost.flops, "params": cost.params, "latency_ms": latency}
+
     def _value(self, kept: dict[str, int]) -> float:
         return resource_value(self.budget.metric, self.description, kept, self.lut)
 
