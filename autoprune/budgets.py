@@ -122,3 +122,25 @@ def check_budget(budget: Budget, description, policy, lut=None, multiple: int = 
     base = resource_value(budget.metric, description, full, lut)
     value = resource_value(budget.metric, description, policy_channels(description, policy, multiple), lut)
     return BudgetCheck(value=value, limit=budget.limit(base), base=base)
+
+
+def uniform_ratio_for_budget(budget: Budget, description, lut=None, multiple: int = 1,
+                             tolerance: float = 1e-4) -> float:
+    """The largest keep ratio that, applied to every group, meets `budget` (bisection)."""
+    from autoprune.costs import uniform_policy
+
+    def fits(ratio: float) -> bool:
+        return check_budget(budget, description, uniform_policy(description, ratio), lut, multiple).ok
+
+    if fits(1.0):
+        return 1.0
+    low, high = 1e-6, 1.0
+    if not fits(low):
+        raise AutopruneError(f"budget {budget} is unreachable even keeping one channel per group")
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low

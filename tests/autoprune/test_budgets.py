@@ -38,3 +38,18 @@ def test_error_lists_every_form():
         parse_budget("fifty")
     for form in ("%flops", "%params", "%latency", "MFLOPs", "params", "ms"):
         assert form in str(info.value)
+
+
+def test_uniform_ratio_meets_the_budget_as_closely_as_rounding_allows():
+    from autoprune.budgets import check_budget, uniform_ratio_for_budget
+    from autoprune.costs import uniform_policy
+    from autoprune.models import build_model
+    from autoprune.pruning import describe_network
+
+    description = describe_network(build_model("resnet20"), (1, 28, 28))
+    for text in ("50%flops", "25%flops", "60%params"):
+        budget = parse_budget(text)
+        ratio = uniform_ratio_for_budget(budget, description)
+        assert check_budget(budget, description, uniform_policy(description, ratio)).ok
+        assert not check_budget(budget, description, uniform_policy(description, min(1.0, ratio + 0.07))).ok  # +1 channel in every group
+    assert uniform_ratio_for_budget(parse_budget("100%flops"), description) == 1.0
