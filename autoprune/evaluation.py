@@ -8,6 +8,7 @@ training batches (EagleEye's adaptive BN). The test set is never used here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ class PolicyEvaluator:
         self.description = self.pruner.description
         self._cache: dict[tuple, float] = {}
         self.evaluations = 0
+        self.seconds = 0.0  # spent pruning, recalibrating and measuring
 
     def prune(self, policy: Mapping[str, float]) -> nn.Module:
         """The pruned network with recalibrated BatchNorm (not fine-tuned)."""
@@ -63,7 +65,9 @@ class PolicyEvaluator:
         """Validation accuracy (fraction) of `policy` after BN recalibration."""
         key = tuple(policy_channels(self.description, policy, self.config.channel_multiple).values())
         if key not in self._cache:
+            started = time.perf_counter()
             model = self.prune(policy)
             self._cache[key] = evaluate(model, self.data, "val", limit=self.config.val_images)["accuracy"]
             self.evaluations += 1
+            self.seconds += time.perf_counter() - started
         return self._cache[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ class ChannelPruningEnv(gym.Env):
         self._kept: dict[str, int] = {}
         self._t = 0
         self._previous = 1.0
+        self.seconds = 0.0  # wall time spent inside reset() and step(), for profiling searches
 
     # ------------------------------------------------------------ helpers
 
@@ -191,11 +193,21 @@ class ChannelPruningEnv(gym.Env):
     # ------------------------------------------------------------ Gymnasium API
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        started = time.perf_counter()
         super().reset(seed=seed)
         self._kept, self._t, self._previous = {}, 0, 1.0
-        return self._observation(), {}
+        observation = self._observation()
+        self.seconds += time.perf_counter() - started
+        return observation, {}
 
     def step(self, action):
+        started = time.perf_counter()
+        try:
+            return self._step(action)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _step(self, action):
         if self._t >= len(self.groups):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t = self._t

@@ -1,0 +1,133 @@
+"""AMC search benchmark: speed, and quality against uniform pruning at the same budget.
+
+For each model checkpoint, budget and seed it runs the DDPG search, then compares the
+best policy with the uniform policy solved for the same budget:
+- validation accuracy before fine-tuning (BN recalibrated, the whole validation split),
+- test accuracy after the same fine-tune,
+- search wall time, and the share spent outside the environment (the agent's own work).
+Writes BENCHMARKS.md between the `bench_amc` markers.
+
+    python bench/bench_amc.py --budgets 50%flops,25%flops --seeds 0,1,2
+    python bench/bench_amc.py --checkpoint resnet56=checkpoints/resnet56-fashion-mnist.pt --budgets 50%flops
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import envs  # noqa: F401
+from agents.amc import run_amc
+from agents.ddpg import AMCConfig
+from autoprune.budgets import parse_budget, uniform_ratio_for_budget
+from autoprune.costs import policy_cost, uniform_policy
+from autoprune.data import load_data
+from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+from autoprune.latency import cpu_model
+from autoprune.models import DEFAULT_CHECKPOINT, load_model
+from autoprune.runs import Run
+from autoprune.train import TrainConfig, evaluate, train
+from envs.channel_pruning import ChannelPruningEnv
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_core import BENCHMARKS, replace_section  # noqa: E402
+
+
+def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
+    model = evaluator.prune(policy)
+    train(model, evaluator.data, config, progress=False)
+    return evaluate(model, evaluator.data, "test")["accuracy"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", default=[], help="NAME=PATH (default: the shipped model)")
+    parser.add_argument("--budgets", default="50%flops,25%flops")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--episodes", type=int, default=400)
+    parser.add_argument("--warmup-episodes", type=int, default=100)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench-amc")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
+    rows = []
+    for name, path in checkpoints.items():
+        model, meta = load_model(path)
+        data = load_data(meta.get("data", "fashion-mnist"))
+        for budget_text in args.budgets.split(","):
+            budget = parse_budget(budget_text)
+            for seed in (int(s) for s in args.seeds.split(",")):
+                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(seed=seed))
+                env = ChannelPruningEnv(evaluator, budget)
+                run_path = Path(args.out) / f"{name}-{budget.tag}-seed{seed}-{datetime.date.today().isoformat()}"
+                run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
+                started = time.perf_counter()
+                best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
+                               seed=seed, progress=True)
+                search_s = time.perf_counter() - started
+                uniform = uniform_policy(evaluator.description, uniform_ratio_for_budget(budget, evaluator.description))
+                base_flops = policy_cost(evaluator.description, {}).flops
+                finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
+                row = {
+                    "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
+                    "env_s": env.seconds, "eval_s": evaluator.seconds,
+                    "agent_share": max(0.0, search_s - env.seconds) / search_s,
+                    "amc_flops": policy_cost(evaluator.description, best["policy"]).flops / base_flops,
+                    "uniform_flops": policy_cost(evaluator.description, uniform).flops / base_flops,
+                    "amc_val": evaluate(evaluator.prune(best["policy"]), data, "val")["accuracy"],
+                    "uniform_val": evaluate(evaluator.prune(uniform), data, "val")["accuracy"],
+                    "amc_test_ft": finetuned_test_accuracy(evaluator, best["policy"], finetune),
+                    "uniform_test_ft": finetuned_test_accuracy(evaluator, uniform, finetune),
+                }
+                rows.append(row)
+                print(row, flush=True)
+
+    lines = [
+        "## AMC search (DDPG) against uniform pruning",
+        "",
+        f"`python bench/bench_amc.py --budgets {args.budgets} --seeds {args.seeds} --episodes {args.episodes}` on "
+        f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}. "
+        "Validation accuracy is after BN recalibration and before fine-tuning, on the whole held-out split; test "
+        f"accuracy after {args.finetune_epochs} fine-tuning epochs (SGD, lr 0.01, cosine) for both policies. FLOPs "
+        "are MACs.",
+        "",
+        "| model | budget | seed | search (s) | agent share | AMC FLOPs | uniform FLOPs | AMC val | uniform val | "
+        "margin | AMC test (FT) | uniform test (FT) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['budget']} | {r['seed']} | {r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
+                     f"{100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | {100 * r['amc_val']:.2f} | "
+                     f"{100 * r['uniform_val']:.2f} | {100 * (r['amc_val'] - r['uniform_val']):+.2f} | "
+                     f"{100 * r['amc_test_ft']:.2f} | {100 * r['uniform_test_ft']:.2f} |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"]), []).append(r)
+    lines += ["", "| model | budget | seeds | mean val margin (pp) | min margin | mean test margin after FT (pp) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for (model, budget), rs in groups.items():
+        margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
+        test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
+        lines.append(f"| {model} | {budget} | {len(rs)} | {statistics.mean(margins):+.2f} | {min(margins):+.2f} | "
+                     f"{statistics.mean(test_margins):+.2f} |")
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+        BENCHMARKS.write_text(replace_section(text, "bench_amc", body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
