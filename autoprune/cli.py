@@ -11,16 +11,16 @@ from pathlib import Path
 
 from autoprune.errors import AutopruneError
 
-log = logging.getLogger("autoprune")
-
 EPILOG = """\
 FLOPs are multiply-accumulates (MACs), as AMC, NetAdapt and Torch-Pruning count them.
 
 examples:
-  autoprune train --model resnet20 --data fashion-mnist
   autoprune info                                  # group table of the default model
-  autoprune prune --policy uniform:0.5 --out pruned.pt --onnx pruned.onnx
-  autoprune eval --model pruned.pt
+  autoprune prune --policy uniform:0.5 --out pruned/model.pt2 --onnx pruned/model.onnx
+  autoprune eval --model pruned/model.pt2
+  autoprune lut build --backend torch --threads 1  # on the target device
+  autoprune search --budget 50%flops              # AMC: DDPG over per-group keep ratios
+  autoprune train --model resnet20 --data fashion-mnist
 """
 
 
@@ -60,7 +60,6 @@ def _load_model_for(args, data=None):
 def _model_and_data(args):
     """Load the data first when the model is a zoo name (its shape depends on the data)."""
     from autoprune.models import ZOO
-
     from autoprune.train import check_model_fits
 
     if args.model in ZOO:
