@@ -42,7 +42,7 @@ class AMCConfig:
     noise_sigma: float = 0.5  # initial exploration noise, in keep-ratio action units ([0, 1])
     noise_decay: float = 0.95  # per episode after warm-up
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
-    buffer_size: int = 100_000  # transitions kept
+    buffer_size: int = 100_000  # transitions kept at most (never more than the search produces)
 
 
 class TruncatedNormalNoise(ActionNoise):
@@ -177,7 +177,7 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
     noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed)
     agent = AMCDDPG(
         "MlpPolicy", env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
-        buffer_size=config.buffer_size, learning_starts=config.warmup_episodes * steps,
+        buffer_size=min(config.buffer_size, config.episodes * steps), learning_starts=config.warmup_episodes * steps,
         batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=(1, "episode"),
         gradient_steps=-1, action_noise=noise, replay_buffer_class=EpisodeRewardBuffer,
         replay_buffer_kwargs={"moving_alpha": config.moving_alpha},
