@@ -9,7 +9,8 @@ episode's final reward, less a moving-average baseline, credited to every step.
 Here that is SB3's `DDPG` with:
 - `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action;
 - `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends and then
-  stores every step with the final reward minus the baseline;
+  stores every step with the final reward minus the baseline, and with the action that
+  took effect (after the environment's rounding and action bound);
 - `EpisodeTracker`, a callback that decays the noise, records each episode and keeps
   the best policy seen.
 """
@@ -97,6 +98,9 @@ class EpisodeRewardBuffer(ReplayBuffer):
         self._pending: list[tuple] = []
 
     def add(self, obs, next_obs, action, reward, done, infos: list[dict[str, Any]]) -> None:
+        if infos and "effective_action" in infos[0]:
+            # learn from what happened: the environment may round or clip the agent's action
+            action = np.full_like(action, infos[0]["effective_action"])
         self._pending.append((obs, next_obs, action, done, infos))
         if not bool(np.asarray(done).reshape(-1)[0]):
             return

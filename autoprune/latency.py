@@ -406,7 +406,7 @@ class LatencyTable:
             grid = []
             for cin, row in zip(table["in"], table["ms"]):
                 grid.append([None if v is None else
-                             v - overhead.get(shape_key(unit_input_shape(layer, cin, cout, batch)), 0.0)
+                             max(0.0, v - overhead.get(shape_key(unit_input_shape(layer, cin, cout, batch)), 0.0))
                              for cout, v in zip(table["out"], row)])
             cache[key] = grid
         return cache[key]

@@ -70,9 +70,10 @@ class ChannelPruningEnv(gym.Env):
     `acc_params` (−error·log params), `acc_latency` (−error·log latency in µs, LUT).
 
     ## Episode End
-    Terminates after one step per prunable group; never truncates. The final `info`
-    holds `policy` (group → keep ratio), `cost_ratio`, `flops`, `params`,
-    `latency_ms`, `accuracy` and `reward`.
+    Terminates after one step per prunable group; never truncates. Every `info` holds
+    `effective_action`: the action that took effect after rounding and the action bound.
+    The final `info` also holds `policy` (group → keep ratio), `channels`, `cost_ratio`,
+    `flops`, `params`, `latency_ms`, `accuracy` and `reward`.
 
     ## Arguments
     - `evaluator`: a `PolicyEvaluator` (base model, data, criterion, BN recalibration).
@@ -216,8 +217,11 @@ class ChannelPruningEnv(gym.Env):
         self._kept[g.name] = count
         self._previous = count / g.channels
         self._t += 1
+        # the action that took effect once rounding and the action bound are applied
+        effective = float(np.clip(2.0 * (self._previous - self.lower_bound) / (1.0 - self.lower_bound) - 1.0, -1, 1)) \
+            if self.lower_bound < 1.0 else 1.0
         if self._t < len(self.groups):
-            return self._observation(), 0.0, False, False, {}
+            return self._observation(), 0.0, False, False, {"effective_action": effective}
         policy = {gg.name: self._kept[gg.name] / gg.channels for gg in self.groups}
         accuracy = self.evaluator.accuracy(policy)
         cost = count_cost(self.description, self._kept)
@@ -227,5 +231,5 @@ class ChannelPruningEnv(gym.Env):
         value = self._value(self._kept)
         info = {"policy": policy, "channels": dict(self._kept), "cost_ratio": value / self.base_value,
                 "accuracy": accuracy, "flops": cost.flops, "params": cost.params, "latency_ms": latency,
-                "reward": reward}
+                "reward": reward, "effective_action": effective}
         return self._observation(), reward, True, False, info
