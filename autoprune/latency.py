@@ -268,7 +268,6 @@ def _network_to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
 
 def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
     """A conv/linear + BatchNorm + activation unit as a small ONNX graph."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []

@@ -121,8 +121,8 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, *, num_batches: int = 20,
     was_training = model.training
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    for i, (x, _) in enumerate(data.batches("train", batch_size, shuffle=True, generator=generator,
-                                             limit=num_batches * batch_size)):
+    for x, _ in data.batches("train", batch_size, shuffle=True, generator=generator,
+                             limit=num_batches * batch_size):
         model(x)
     for bn, momentum in zip(bns, saved_momentum):
         bn.momentum = momentum

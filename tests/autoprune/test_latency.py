@@ -11,7 +11,7 @@ import autoprune.latency as latency
 from autoprune.budgets import check_budget, parse_budget
 from autoprune.costs import uniform_policy
 from autoprune.errors import AutopruneError
-from autoprune.latency import (LatencyTable, TorchBackend, build_lut, get_backend, load_lut, plan_grid, signature_key,
+from autoprune.latency import (TorchBackend, build_lut, get_backend, load_lut, plan_grid, signature_key,
                                spearman, unit_module, validate_lut)
 from autoprune.models import build_model
 from autoprune.pruning import describe_network
