@@ -129,14 +129,7 @@ def cmd_info(args) -> int:
     from autoprune.costs import count_cost, format_count, group_costs
     from autoprune.pruning import describe_network
 
-    from autoprune.models import ZOO, build_model
-
-    if args.model in ZOO:
-        shape = _input_shape(args, {})
-        model = build_model(args.model, in_channels=shape[0], input_size=shape[1])
-    else:
-        model, meta = _load_model_for(args)
-        shape = _input_shape(args, meta)
+    model, shape, _ = _model_and_shape(args)
     description = describe_network(model, shape)
     total = count_cost(description)
     shares = group_costs(description)
@@ -170,6 +163,7 @@ def cmd_info(args) -> int:
 
 def cmd_prune(args) -> int:
     from autoprune.costs import count_cost, format_count, policy_cost
+    from autoprune.evaluation import criterion_batches
     from autoprune.export import export_onnx, save_pruned_model
     from autoprune.io import atomic_write_json
     from autoprune.pruning import ChannelPruner, describe_network, parse_policy
@@ -193,11 +187,8 @@ def cmd_prune(args) -> int:
 
         budget = parse_budget(args.budget)
         budget_check = check_budget(budget, description, policy, table, args.channel_multiple)
-    batches = None
-    if args.criterion in ("taylor", "apoz"):
-        generator = __import__("torch").Generator().manual_seed(args.seed)
-        batches = list(data.batches("train", 64, shuffle=True, generator=generator, limit=64 * 8))
-    pruner = ChannelPruner(model, shape, criterion=args.criterion, batches=batches,
+    pruner = ChannelPruner(model, shape, criterion=args.criterion,
+                           batches=criterion_batches(data, args.criterion, args.seed),
                            channel_multiple=args.channel_multiple, seed=args.seed)
     base = count_cost(description)
     predicted = policy_cost(description, policy, args.channel_multiple)
@@ -242,19 +233,22 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _model_for_lut(args):
-    """The model and its description for LUT commands (zoo name, file, or the default)."""
+def _model_and_shape(args):
+    """Model, input shape and display name without loading data (zoo name, file, or the default)."""
     from autoprune.models import ZOO, build_model
-    from autoprune.pruning import describe_network
 
     if args.model in ZOO:
         shape = _input_shape(args, {})
-        model = build_model(args.model, in_channels=shape[0], input_size=shape[1])
-        name = args.model
-    else:
-        model, meta = _load_model_for(args)
-        shape = _input_shape(args, meta)
-        name = args.model or "default (resnet20 on fashion-mnist)"
+        return build_model(args.model, in_channels=shape[0], input_size=shape[1]), shape, args.model
+    model, meta = _load_model_for(args)
+    return model, _input_shape(args, meta), args.model or "default (resnet20 on fashion-mnist)"
+
+
+def _model_for_lut(args):
+    """The model and its description for LUT commands."""
+    from autoprune.pruning import describe_network
+
+    model, shape, name = _model_and_shape(args)
     description = describe_network(model, shape)
     if not description.groups:
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
@@ -262,21 +256,15 @@ def _model_for_lut(args):
 
 
 def cmd_lut_build(args) -> int:
-    from autoprune.latency import build_lut, cpu_model, get_backend
+    from autoprune.latency import build_lut, default_lut_path, get_backend
 
     model, description, name = _model_for_lut(args)
     options = {"optimization": args.ort_optimization} if args.ort_optimization else {}
     if options and args.backend not in ("onnxruntime", "onnx"):
         raise AutopruneError("--ort-optimization applies to --backend onnxruntime only")
     backend = get_backend(args.backend, args.threads, **options)
-    if args.out:
-        out = Path(args.out)
-    else:
-        device = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
-        while "--" in device:
-            device = device.replace("--", "-")
-        tag = Path(str(args.model)).stem if args.model else "resnet20-fashion-mnist"
-        out = Path("latency_luts") / f"{device}-{backend.name}-t{args.threads}-b{args.batch}-{tag}.json"
+    tag = Path(str(args.model)).stem if args.model else "resnet20-fashion-mnist"
+    out = Path(args.out) if args.out else default_lut_path(backend, args.batch, tag)
     table = build_lut(model, description, backend, out, model_name=name, batch=args.batch,
                       channel_step=args.channel_step, warmup=args.warmup, runs=args.runs, rounds=args.rounds,
                       calibration_samples=args.calibration_samples, seed=args.seed, progress=not args.quiet)

@@ -33,6 +33,16 @@ class EvaluatorConfig:
     seed: int = 0  # recalibration batches and the random criterion
 
 
+def criterion_batches(data: DataBundle, criterion: str, seed: int = 0) -> list | None:
+    """The training batches a data-driven criterion (taylor, apoz) scores channels on; None otherwise."""
+    if criterion not in ("taylor", "apoz"):
+        return None
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return list(data.batches("train", 64, shuffle=True, generator=generator, limit=64 * 8))
+
+
 class PolicyEvaluator:
     """Validation accuracy of the base model pruned by a policy, cached per channel plan."""
 
@@ -41,12 +51,7 @@ class PolicyEvaluator:
         if len(data.val) == 0:
             raise AutopruneError("the search needs a validation split; use --val-size > 0")
         self.data = data
-        batches = None
-        if self.config.criterion in ("taylor", "apoz"):
-            import torch
-
-            generator = torch.Generator().manual_seed(self.config.seed)
-            batches = list(data.batches("train", 64, shuffle=True, generator=generator, limit=64 * 8))
+        batches = criterion_batches(data, self.config.criterion, self.config.seed)
         self.pruner = ChannelPruner(model, data.input_shape, criterion=self.config.criterion, batches=batches,
                                     channel_multiple=self.config.channel_multiple, seed=self.config.seed)
         self.description = self.pruner.description

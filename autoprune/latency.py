@@ -28,7 +28,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,9 @@ def _channel_grid(maximum: int, step: int) -> list[int]:
 
 
 def _reachable_inputs(layer: LayerSpec, grids: Mapping[str, list[int]]) -> list[int]:
-    if layer.kind == "dwconv" or not layer.in_groups:
-        return [layer.in_channels] if layer.kind != "dwconv" else []
+    """Input-channel counts a (non-depthwise) layer can see under any policy."""
+    if not layer.in_groups:
+        return [layer.in_channels]
     if len(layer.in_groups) == 1:
         group, per = layer.in_groups[0]
         return sorted({layer.in_fixed + c * per for c in grids[group]})
@@ -93,6 +94,7 @@ def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[st
             continue
         key = signature_key(layer)
         outs = grids[layer.out_group] if layer.out_group else [layer.out_channels]
+        # a depthwise conv's inputs are its outputs: its grid has the single input axis point 0
         ins = _reachable_inputs(layer, grids) if layer.kind != "dwconv" else [0]
         entry = plan.setdefault(key, {"layer": layer, "in": set(), "out": set()})
         entry["in"].update(ins)
@@ -337,6 +339,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_slug() -> str:
+    """The CPU model as a file-name fragment: 'AMD EPYC 7B13' -> 'amd-epyc-7b13'."""
+    slug = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
+
+
+def default_lut_path(backend: LatencyBackend, batch: int, model_tag: str) -> Path:
+    """latency_luts/DEVICE-BACKEND-tTHREADS-bBATCH-MODEL.json"""
+    return Path("latency_luts") / f"{device_slug()}-{backend.name}-t{backend.threads}-b{batch}-{model_tag}.json"
+
+
 def device_metadata() -> dict:
     return {"cpu": cpu_model(), "machine": platform.machine(), "system": platform.system(),
             "logical_cpus": os.cpu_count(), "python": platform.python_version(), "hostname": platform.node()}
@@ -360,6 +375,7 @@ class LatencyTable:
 
     data: dict
     path: str = ""
+    _net_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def runtime(self) -> dict:
@@ -388,8 +404,6 @@ class LatencyTable:
         ins, outs = table["in"], table["out"]
         ms = self._net_grid(key, layer, table)
         x = 0 if layer.kind == "dwconv" else cin
-        if layer.kind == "dwconv":
-            ins = [0]
         if not (ins[0] <= x <= ins[-1]) or not (outs[0] <= cout <= outs[-1]):
             raise AutopruneError(f"LUT {self.path}: layer signature {key} ({layer.name}) at {cin} -> {cout} "
                                  f"channels is outside the measured grid (in {ins[0]}..{ins[-1]}, "
@@ -398,7 +412,7 @@ class LatencyTable:
 
     def _net_grid(self, key: str, layer: LayerSpec, table: dict) -> list[list[float | None]]:
         """Entry grid minus the runtime's per-call overhead (paid once per network, not per layer)."""
-        cache = self.__dict__.setdefault("_net_cache", {})
+        cache = self._net_cache
         if key not in cache:
             overhead = self.data.get("call_overhead_ms", {})
             batch = self.runtime.get("batch", 1)
@@ -553,7 +567,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "calibration": None, "call_overhead_ms": {}, "entries": {}}
         for key, entry in plan.items():
-            ins = entry["in"] if entry["layer"].kind != "dwconv" else [0]
+            ins = entry["in"]
             data["entries"][key] = {"in": ins, "out": entry["out"],
                                     "ms": [[None] * len(entry["out"]) for _ in ins],
                                     "rounds_done": [[0] * len(entry["out"]) for _ in ins]}

@@ -92,13 +92,10 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     return _Trace(order, in_size, out_size, classifier)
 
 
-def _build_graph(model: nn.Module, example: torch.Tensor, classifier: str | None):
-    modules = dict(model.named_modules())
-    ignored = [modules[classifier]] if classifier else []
-    # the classifier is excluded when groups are listed, not while tracing: ignoring it
-    # during tracing breaks Torch-Pruning's index mapping through the flatten before it
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    return graph, ignored
+def _build_graph(model: nn.Module, example: torch.Tensor):
+    # the classifier is excluded when groups are listed (describe_network), not while
+    # tracing: ignoring it here breaks Torch-Pruning's index mapping through the flatten
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
 def _example(input_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -113,7 +110,8 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     """
     example = _example(input_shape)
     trace = _trace(model, example)
-    graph, ignored = _build_graph(model, example, trace.classifier)
+    graph = _build_graph(model, example)
+    ignored = [dict(model.named_modules())[trace.classifier]] if trace.classifier else []
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
 
@@ -264,9 +262,7 @@ class ChannelPruner:
         kept = self.kept_indices(policy)
         model = copy.deepcopy(self.model)
         model.eval()
-        example = _example(self.input_shape)
-        classifier = _trace(model, example).classifier
-        graph, _ = _build_graph(model, example, classifier)
+        graph = _build_graph(model, _example(self.input_shape))
         modules = dict(model.named_modules())
         for g in self.description.groups:
             keep = set(kept[g.name].tolist())

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-from autoprune.io import atomic_write_json, atomic_write_text
+from autoprune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
@@ -115,9 +115,9 @@ class Run:
         ax.set_ylabel("keep ratio")
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        path = self.path / "keep_ratios.png"
-        tmp = path.with_name(".keep_ratios.png.tmp")
-        fig.savefig(tmp, dpi=120, format="png")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
+        path = self.path / "keep_ratios.png"
+        atomic_write_bytes(path, buffer.getvalue())
         return path

@@ -37,7 +37,7 @@ from envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_core import BENCHMARKS, replace_section  # noqa: E402
+from bench_core import write_section  # noqa: E402
 
 
 def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
@@ -124,8 +124,7 @@ def main() -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        BENCHMARKS.write_text(replace_section(text, "bench_amc", body))
+        write_section("bench_amc", body)
     return 0
 
 

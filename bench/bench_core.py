@@ -51,6 +51,13 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def write_section(name: str, body: str) -> None:
+    """Put `body` into BENCHMARKS.md between the markers of section `name`."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else \
+        "# Benchmarks\n\nMeasured figures; each section names the command that produced it.\n"
+    BENCHMARKS.write_text(replace_section(text, name, body))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -106,9 +113,7 @@ def main() -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nMeasured figures; each section " \
-            "names the command that produced it.\n"
-        BENCHMARKS.write_text(replace_section(text, "bench_core", body))
+        write_section("bench_core", body)
     return 0
 
 

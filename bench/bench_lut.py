@@ -22,20 +22,13 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import build_lut, cpu_model, get_backend, load_lut, validate_lut
+from autoprune.latency import build_lut, cpu_model, default_lut_path, get_backend, load_lut, validate_lut
 from autoprune.models import load_model
 from autoprune.pruning import describe_network
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_core import BENCHMARKS, replace_section  # noqa: E402
-
-
-def device_slug() -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug
+from bench_core import write_section  # noqa: E402
 
 
 def main() -> int:
@@ -50,13 +43,14 @@ def main() -> int:
     description = describe_network(model, (1, 28, 28))
     rows = []
     for name in args.backends.split(","):
-        out = ROOT / "latency_luts" / f"{device_slug()}-{name}-t1-b1-resnet20-fashion-mnist.json"
+        backend = get_backend(name, 1)
+        out = ROOT / default_lut_path(backend, 1, "resnet20-fashion-mnist")
         started = time.perf_counter()
         if args.keep and out.is_file():
             table = load_lut(out)
         else:
             out.unlink(missing_ok=True)
-            table = build_lut(model, description, get_backend(name, 1), out, model_name="resnet20 (default checkpoint)")
+            table = build_lut(model, description, backend, out, model_name="resnet20 (default checkpoint)")
         build_s = time.perf_counter() - started
         result = validate_lut(table, model, description, samples=args.samples, seed=1)
         result_path = ROOT / "bench" / "results" / f"lut-validate-{name}.json"
@@ -93,8 +87,7 @@ def main() -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        BENCHMARKS.write_text(replace_section(text, "bench_lut", body))
+        write_section("bench_lut", body)
     return 0
 
 
