@@ -4,13 +4,17 @@ He et al. (AMC, ECCV 2018) train DDPG with: actor and critic of 300-300 units, �
 τ = 0.01, batch 64, actor learning rate 1e-4 and critic 1e-3, 100 warm-up episodes of
 uniformly random actions, then truncated-normal exploration noise around the actor's
 action with σ = 0.5 (on a [0, 1] action scale) decaying ×0.95 per episode, and the
-episode's final reward, less a moving-average baseline, credited to every step.
+episode's final reward credited to every step, less a moving-average baseline of the
+rewards sampled for updates.
 
 Here that is SB3's `DDPG` with:
 - `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action;
-- `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends and then
-  stores every step with the final reward minus the baseline, and with the action that
-  took effect (after the environment's rounding and action bound);
+- `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends, stores
+  every step with the final reward and the action that took effect (after the
+  environment's rounding and action bound), and subtracts the moving baseline from the
+  rewards of each sampled batch. It keeps the last 100 episodes only: a buffer that kept
+  the whole search, random warm-up included, let the critic go on fitting stale episodes,
+  and on the default model the policy collapsed to well below its own warm-up;
 - `EpisodeTracker`, a callback that decays the noise, records each episode and keeps
   the best policy seen.
 """
@@ -26,6 +30,7 @@ from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
 
 @dataclass
@@ -43,7 +48,7 @@ class AMCConfig:
     noise_sigma: float = 0.5  # initial exploration noise, in keep-ratio action units ([0, 1])
     noise_decay: float = 0.95  # per episode after warm-up
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
-    buffer_size: int = 100_000  # transitions kept at most (never more than the search produces)
+    buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
 
 
 class TruncatedNormalNoise(ActionNoise):
@@ -88,8 +93,16 @@ class TruncatedNormalNoise(ActionNoise):
 
 
 class EpisodeRewardBuffer(ReplayBuffer):
-    """Holds an episode's transitions and stores them when it ends, each rewarded with the
-    final reward minus a moving-average baseline of past final rewards (AMC)."""
+    """Holds an episode's transitions until it ends, then stores every step with the
+    episode's final reward (AMC credits the whole episode with it).
+
+    As in AMC, a moving-average baseline is subtracted when transitions are sampled for
+    an update, not when they are stored: the baseline follows the mean reward of the
+    sampled batches, so every stored episode is judged against the same, slowly moving
+    reference. (Subtracting a baseline of the last few episodes at storage time would
+    freeze each episode's reward relative to its own era, and a search stuck in a bad
+    region would see its bad episodes rated as average.)
+    """
 
     def __init__(self, *args, moving_alpha: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
@@ -104,14 +117,19 @@ class EpisodeRewardBuffer(ReplayBuffer):
         self._pending.append((obs, next_obs, action, done, infos))
         if not bool(np.asarray(done).reshape(-1)[0]):
             return
-        final = float(np.asarray(reward).reshape(-1)[0])
-        if self.baseline is None:
-            self.baseline = final
-        advantage = final - self.baseline
-        self.baseline = self.moving_alpha * self.baseline + (1 - self.moving_alpha) * final
+        final = np.asarray(reward, dtype=np.float32).reshape(-1)
         for o, n, a, d, i in self._pending:
-            super().add(o, n, a, np.array([advantage], dtype=np.float32), d, i)
+            super().add(o, n, a, final, d, i)
         self._pending = []
+
+    def sample(self, batch_size: int, env=None) -> ReplayBufferSamples:
+        samples = super().sample(batch_size, env)
+        mean = float(samples.rewards.mean())
+        if self.baseline is None:
+            self.baseline = mean
+        else:
+            self.baseline = self.moving_alpha * self.baseline + (1 - self.moving_alpha) * mean
+        return samples._replace(rewards=samples.rewards - self.baseline)
 
 
 class AMCDDPG(DDPG):
@@ -181,7 +199,7 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
     noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed)
     agent = AMCDDPG(
         "MlpPolicy", env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
-        buffer_size=min(config.buffer_size, config.episodes * steps), learning_starts=config.warmup_episodes * steps,
+        buffer_size=max(1, min(config.buffer_episodes, config.episodes)) * steps, learning_starts=config.warmup_episodes * steps,
         batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=(1, "episode"),
         gradient_steps=-1, action_noise=noise, replay_buffer_class=EpisodeRewardBuffer,
         replay_buffer_kwargs={"moving_alpha": config.moving_alpha},

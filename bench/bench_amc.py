@@ -5,9 +5,13 @@ best policy with the uniform policy solved for the same budget:
 - validation accuracy before fine-tuning (BN recalibrated, the whole validation split),
 - test accuracy after the same fine-tune,
 - search wall time, and the share spent outside the environment (the agent's own work).
+Every measured row is appended to OUT/rows.jsonl, so an interrupted benchmark skips what
+it has measured, and invocations on separate cores (one budget each) share one table.
 Writes BENCHMARKS.md between the `bench_amc` markers.
 
     python bench/bench_amc.py --budgets 50%flops,25%flops --seeds 0,1,2
+    taskset -c 1 python bench/bench_amc.py --budgets 25%flops --threads 1 &   # in parallel
+    python bench/bench_amc.py --report                                        # table only
     python bench/bench_amc.py --checkpoint resnet56=checkpoints/resnet56-fashion-mnist.pt --budgets 50%flops
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -57,17 +62,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-amc")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from OUT/rows.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    rows_file = Path(args.out) / "rows.jsonl"
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
-    rows = []
-    for name, path in checkpoints.items():
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    done = {(r["model"], r["budget"], r["seed"]) for r in rows}
+    for name, path in ([] if args.report else checkpoints.items()):
         model, meta = load_model(path)
         data = load_data(meta.get("data", "fashion-mnist"))
         for budget_text in args.budgets.split(","):
             budget = parse_budget(budget_text)
             for seed in (int(s) for s in args.seeds.split(",")):
+                if (name, budget_text, seed) in done:
+                    continue  # measured by an earlier (or parallel) invocation
                 evaluator = PolicyEvaluator(model, data, EvaluatorConfig(seed=seed))
                 env = ChannelPruningEnv(evaluator, budget)
                 run_path = Path(args.out) / f"{name}-{budget.tag}-seed{seed}-{datetime.date.today().isoformat()}"
@@ -76,13 +87,20 @@ def main() -> int:
                 best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
                                seed=seed, progress=True)
                 search_s = time.perf_counter() - started
+                history = run.read_history()
+                warmup_best = max((float(r["accuracy"]) for r in history if str(r["warmup"]) == "True"), default=0.0)
+                timings = dict(evaluator.timings)
                 uniform = uniform_policy(evaluator.description, uniform_ratio_for_budget(budget, evaluator.description))
                 base_flops = policy_cost(evaluator.description, {}).flops
                 finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
                 row = {
                     "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
-                    "env_s": env.seconds, "eval_s": evaluator.seconds,
+                    "env_s": env.seconds, "eval_s": evaluator.seconds, "evaluations": evaluator.evaluations,
                     "agent_share": max(0.0, search_s - env.seconds) / search_s,
+                    "prune_share": timings["prune"] / search_s, "bn_share": timings["bn_recalibration"] / search_s,
+                    "val_share": timings["validation"] / search_s,
+                    "best_episode": best["episode"], "best_search_acc": best["accuracy"],
+                    "warmup_best_acc": warmup_best,
                     "amc_flops": policy_cost(evaluator.description, best["policy"]).flops / base_flops,
                     "uniform_flops": policy_cost(evaluator.description, uniform).flops / base_flops,
                     "amc_val": evaluate(evaluator.prune(best["policy"]), data, "val")["accuracy"],
@@ -91,36 +109,57 @@ def main() -> int:
                     "uniform_test_ft": finetuned_test_accuracy(evaluator, uniform, finetune),
                 }
                 rows.append(row)
+                with open(rows_file, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
                 print(row, flush=True)
+    if rows_file.is_file():  # rows measured by parallel invocations count too
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    rows.sort(key=lambda r: (r["model"], r["budget"], r["seed"]))
 
     lines = [
         "## AMC search (DDPG) against uniform pruning",
         "",
-        f"`python bench/bench_amc.py --budgets {args.budgets} --seeds {args.seeds} --episodes {args.episodes}` on "
-        f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}. "
-        "Validation accuracy is after BN recalibration and before fine-tuning, on the whole held-out split; test "
-        f"accuracy after {args.finetune_epochs} fine-tuning epochs (SGD, lr 0.01, cosine) for both policies. FLOPs "
-        "are MACs.",
+        f"`python bench/bench_amc.py --budgets {args.budgets} --seeds {args.seeds} --episodes {args.episodes} "
+        f"--finetune-epochs {args.finetune_epochs} --threads {args.threads}` on {cpu_model()}, {args.threads} "
+        f"thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}. FLOPs are MACs.",
         "",
-        "| model | budget | seed | search (s) | agent share | AMC FLOPs | uniform FLOPs | AMC val | uniform val | "
-        "margin | AMC test (FT) | uniform test (FT) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "- *val*: accuracy on the whole held-out validation split (5,000 images) after BN recalibration, before any "
+        "fine-tuning. The search itself scores policies on a fixed 2,000-image subset of it.",
+        "- *warm-up best*: the best search-subset accuracy among the random warm-up episodes; *best ep.*: the episode "
+        "that produced the best policy (after the warm-up means the learning phase found it).",
+        f"- *test (FT)*: test accuracy after {args.finetune_epochs} fine-tuning epoch(s) (SGD, lr 0.01, cosine), the "
+        "same for both policies and seeds.",
+        "- Time: *agent* is everything outside the environment (DDPG updates, bookkeeping, writing the run "
+        "directory); *prune*, *BN* and *val* are the evaluator's channel removal, BatchNorm recalibration and "
+        "validation pass, as shares of the search's wall time.",
+        "",
+        "| model | budget | seed | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
+        "AMC val | uniform val | margin (pp) | warm-up best | best ep. | AMC test (FT) | uniform test (FT) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['budget']} | {r['seed']} | {r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
-                     f"{100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | {100 * r['amc_val']:.2f} | "
-                     f"{100 * r['uniform_val']:.2f} | {100 * (r['amc_val'] - r['uniform_val']):+.2f} | "
-                     f"{100 * r['amc_test_ft']:.2f} | {100 * r['uniform_test_ft']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['budget']} | {r['seed']} | {r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
+            f"{100 * r['prune_share']:.1f} % | {100 * r['bn_share']:.1f} % | {100 * r['val_share']:.1f} % | "
+            f"{r['evaluations']} | {100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | "
+            f"{100 * r['amc_val']:.2f} | {100 * r['uniform_val']:.2f} | {100 * (r['amc_val'] - r['uniform_val']):+.2f} | "
+            f"{100 * r['warmup_best_acc']:.2f} | {r['best_episode']} | {100 * r['amc_test_ft']:.2f} | "
+            f"{100 * r['uniform_test_ft']:.2f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["budget"]), []).append(r)
-    lines += ["", "| model | budget | seeds | mean val margin (pp) | min margin | mean test margin after FT (pp) |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) | "
+              "mean search (s) |", "|---|---|---:|---:|---:|---:|---:|"]
+
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
+
     for (model, budget), rs in groups.items():
         margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
         test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
-        lines.append(f"| {model} | {budget} | {len(rs)} | {statistics.mean(margins):+.2f} | {min(margins):+.2f} | "
-                     f"{statistics.mean(test_margins):+.2f} |")
+        lines.append(f"| {model} | {budget} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
+                     f"{spread(test_margins)} | {statistics.mean(r['search_s'] for r in rs):.0f} |")
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -19,6 +19,7 @@ def test_configured_as_amc(env):
     agent, noise = make_agent(env, AMCConfig())
     assert agent.gamma == 1.0 and agent.tau == 0.01 and agent.batch_size == 64
     assert agent.learning_starts == 100 * len(env.groups)
+    assert agent.replay_buffer.buffer_size == 100 * len(env.groups)  # the last 100 episodes
     sizes = [m.out_features for m in agent.actor.mu if hasattr(m, "out_features")]
     assert sizes[:2] == [300, 300]
     assert isinstance(agent.replay_buffer, EpisodeRewardBuffer) and noise.sigma == 0.5
@@ -44,7 +45,7 @@ def test_truncated_noise_stays_in_bounds():
     assert 0.2 < draws.mean() < 0.9  # pulled inwards by the bound, centred near the action
 
 
-def test_final_reward_is_credited_to_every_step_less_the_baseline(env):
+def test_final_reward_is_credited_to_every_step_and_the_baseline_is_subtracted_when_sampled(env):
     agent, _ = make_agent(env, SMALL)
     buffer = agent.replay_buffer
     obs = np.zeros((1, 11), np.float32)
@@ -52,11 +53,16 @@ def test_final_reward_is_credited_to_every_step_less_the_baseline(env):
         for step in range(3):
             done = step == 2
             buffer.add(obs, obs, np.zeros((1, 1), np.float32), np.array([episode_reward if done else 0.0]),
-                       np.array([done]), [{}])
-    rewards = buffer.rewards[:buffer.pos, 0]
-    # first episode: baseline = its own reward -> 0; second: 4 - 2 (baseline) = 2
-    assert rewards.tolist() == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
-    assert buffer.baseline == pytest.approx(3.0)
+                       np.array([done]), [{"effective_action": -0.5}])
+    assert buffer.rewards[:buffer.pos, 0].tolist() == [2.0] * 3 + [4.0] * 3  # stored as the episode ended
+    assert buffer.actions[:buffer.pos, 0, 0].tolist() == [-0.5] * 6  # the action that took effect
+    first = buffer.sample(64)
+    mean = float(first.rewards.mean()) + buffer.baseline  # the raw batch mean
+    assert buffer.baseline == pytest.approx(mean)  # the first batch sets the baseline
+    second = buffer.sample(64)
+    raw = second.rewards + buffer.baseline
+    assert buffer.baseline == pytest.approx(0.5 * mean + 0.5 * float(raw.mean()))
+    assert set(raw.flatten().tolist()) <= {2.0, 4.0}
 
 
 def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch):
