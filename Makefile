@@ -6,7 +6,7 @@ setup:
 
 demo: setup
 	.venv/bin/autoprune info
-	.venv/bin/autoprune prune --policy uniform:0.5 --out runs/demo/resnet20-uniform0.5.pt2 --onnx runs/demo/resnet20-uniform0.5.onnx
+	.venv/bin/autoprune search --budget 50%flops
 
 test: setup
 	.venv/bin/python -m pytest -q
@@ -14,3 +14,4 @@ test: setup
 bench: setup
 	.venv/bin/python bench/bench_core.py
 	.venv/bin/python bench/bench_lut.py
+	.venv/bin/python bench/bench_amc.py

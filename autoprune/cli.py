@@ -352,11 +352,12 @@ def cmd_search(args) -> int:
     best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
                    seed=args.seed, progress=not args.quiet)
     search_seconds = time.perf_counter() - started
+    breakdown = {**evaluator.timings, "agent": max(0.0, search_seconds - env.seconds)}
     from autoprune.report import finish_run
 
     finish_run(run, evaluator, best["policy"], budget=budget, lut=table, search_seconds=search_seconds,
-                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed),
-                         progress=not args.quiet)
+               search_breakdown=breakdown, progress=not args.quiet,
+               finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed))
     print((run.path / "report.md").read_text())
     print(f"run directory: {run.path}")
     return 0

@@ -13,9 +13,12 @@ from autoprune.train import TrainConfig, evaluate, train
 
 
 def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: TrainConfig, budget, lut=None,
-               search_seconds: float = 0.0, progress: bool = True) -> dict:
+               search_seconds: float = 0.0, search_breakdown: dict | None = None, progress: bool = True) -> dict:
     """Apply `policy` to the base model, recalibrate BN, fine-tune, evaluate, and write the
-    model, metrics, keep-ratio plot and report into the run directory."""
+    model, metrics, keep-ratio plot and report into the run directory.
+
+    `search_breakdown` splits `search_seconds` (e.g. prune, BN recalibration, validation,
+    agent); it is reported as given."""
     data, description = evaluator.data, evaluator.description
     shape = data.input_shape
     base_model = evaluator.pruner.model
@@ -41,6 +44,8 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
         "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluator.evaluations,
         "policy": policy, "channels": channels, "finetune_history": history,
     }
+    if search_breakdown:
+        metrics["search_breakdown_seconds"] = {key: round(value, 1) for key, value in search_breakdown.items()}
     if lut is not None:
         metrics["lut_latency_ms_base"] = lut.predict_ms(description)
         metrics["lut_latency_ms"] = lut.predict_ms(description, channels)
@@ -78,6 +83,11 @@ def _report(run: Run, m: dict) -> str:
         f"fine-tuning epoch(s) {100 * m['test_accuracy']:.2f} %",
         f"- search {m['search_seconds']:.0f} s ({m['candidate_evaluations']} candidates evaluated), "
         f"fine-tuning {m['finetune_seconds']:.0f} s",
+    ]
+    if "search_breakdown_seconds" in m:
+        lines.append("- search time: " + ", ".join(f"{key.replace('_', ' ')} {value:.0f} s"
+                                                 for key, value in m["search_breakdown_seconds"].items()))
+    lines += [
         "",
         "Files: `model.pt2` (the pruned network; `torch.export.load(path).module()`), `best_policy.json`, "
         "`history.csv`, `metrics.json`, `keep_ratios.png`.",

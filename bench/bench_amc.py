@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--warmup-episodes", type=int, default=100)
+    parser.add_argument("--val-images", type=int, default=2000, help="validation images per candidate")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-amc")
@@ -79,7 +80,7 @@ def main() -> int:
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (name, budget_text, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
-                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(seed=seed))
+                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images, seed=seed))
                 env = ChannelPruningEnv(evaluator, budget)
                 run_path = Path(args.out) / f"{name}-{budget.tag}-seed{seed}-{datetime.date.today().isoformat()}"
                 run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
@@ -95,6 +96,9 @@ def main() -> int:
                 finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
                 row = {
                     "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
+                    "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
+                    "val_images": args.val_images, "finetune_epochs": args.finetune_epochs,
+                    "command": "python bench/bench_amc.py " + " ".join(sys.argv[1:]),
                     "env_s": env.seconds, "eval_s": evaluator.seconds, "evaluations": evaluator.evaluations,
                     "agent_share": max(0.0, search_s - env.seconds) / search_s,
                     "prune_share": timings["prune"] / search_s, "bn_share": timings["bn_recalibration"] / search_s,
@@ -116,30 +120,32 @@ def main() -> int:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     rows.sort(key=lambda r: (r["model"], r["budget"], r["seed"]))
 
+    commands = sorted({r["command"] for r in rows})
     lines = [
         "## AMC search (DDPG) against uniform pruning",
         "",
-        f"`python bench/bench_amc.py --budgets {args.budgets} --seeds {args.seeds} --episodes {args.episodes} "
-        f"--finetune-epochs {args.finetune_epochs} --threads {args.threads}` on {cpu_model()}, {args.threads} "
-        f"thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}. FLOPs are MACs.",
+        f"On {cpu_model()}, torch {torch.__version__}, {datetime.date.today().isoformat()}, by "
+        + "; ".join(f"`{c}`" for c in commands) + ". FLOPs are MACs.",
         "",
         "- *val*: accuracy on the whole held-out validation split (5,000 images) after BN recalibration, before any "
-        "fine-tuning. The search itself scores policies on a fixed 2,000-image subset of it.",
+        "fine-tuning. The search itself scores policies on a fixed subset of it (`--val-images`, 2,000 unless the "
+        "command says otherwise).",
         "- *warm-up best*: the best search-subset accuracy among the random warm-up episodes; *best ep.*: the episode "
         "that produced the best policy (after the warm-up means the learning phase found it).",
-        f"- *test (FT)*: test accuracy after {args.finetune_epochs} fine-tuning epoch(s) (SGD, lr 0.01, cosine), the "
-        "same for both policies and seeds.",
+        "- *test (FT)*: test accuracy after `--finetune-epochs` epochs of fine-tuning (SGD, lr 0.01, cosine), the "
+        "same for both policies of a row.",
         "- Time: *agent* is everything outside the environment (DDPG updates, bookkeeping, writing the run "
         "directory); *prune*, *BN* and *val* are the evaluator's channel removal, BatchNorm recalibration and "
         "validation pass, as shares of the search's wall time.",
         "",
-        "| model | budget | seed | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
+        "| model | budget | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
         "AMC val | uniform val | margin (pp) | warm-up best | best ep. | AMC test (FT) | uniform test (FT) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['budget']} | {r['seed']} | {r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
+            f"| {r['model']} | {r['budget']} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
+            f"{r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
             f"{100 * r['prune_share']:.1f} % | {100 * r['bn_share']:.1f} % | {100 * r['val_share']:.1f} % | "
             f"{r['evaluations']} | {100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | "
             f"{100 * r['amc_val']:.2f} | {100 * r['uniform_val']:.2f} | {100 * (r['amc_val'] - r['uniform_val']):+.2f} | "

@@ -161,6 +161,9 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["flops_ratio"] <= 0.5 and "MACs" in (out / "report.md").read_text()
+    breakdown = metrics["search_breakdown_seconds"]
+    assert set(breakdown) == {"prune", "bn_recalibration", "validation", "agent"}
+    assert 0 < sum(breakdown.values()) <= metrics["search_seconds"] + 0.5  # parts of the search, rounded
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 3
     code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
     assert code == 0, err
