@@ -28,9 +28,9 @@ class EvaluatorConfig:
 
     criterion: str = "l1"  # channel selection inside a group
     channel_multiple: int = 1  # kept channels rounded to this multiple
-    bn_batches: int = 20  # training batches for BatchNorm recalibration
+    bn_batches: int = 10  # training batches for BatchNorm recalibration
     bn_batch_size: int = 64  # images per recalibration batch
-    val_images: int = 2000  # validation images scored per candidate (a fixed subset)
+    val_images: int = 1000  # validation images scored per candidate (a fixed subset)
     seed: int = 0  # recalibration batches and the random criterion
 
 

@@ -5,7 +5,7 @@ best policy with the uniform policy solved for the same budget:
 - validation accuracy before fine-tuning (BN recalibrated, the whole validation split),
 - test accuracy after the same fine-tune,
 - search wall time, and the share spent outside the environment (the agent's own work).
-Every measured row is appended to OUT/rows.jsonl, so an interrupted benchmark skips what
+Every measured row is appended to bench/results/amc_rows.jsonl, so an interrupted benchmark skips what
 it has measured, and invocations on separate cores (one budget each) share one table.
 Writes BENCHMARKS.md between the `bench_amc` markers.
 
@@ -58,15 +58,18 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--warmup-episodes", type=int, default=100)
-    parser.add_argument("--val-images", type=int, default=2000, help="validation images per candidate")
+    parser.add_argument("--val-images", type=int, default=1000, help="validation images per candidate")
+    parser.add_argument("--bn-batches", type=int, default=10, help="BN recalibration batches per candidate")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="runs/bench-amc")
+    parser.add_argument("--out", default="runs/bench-amc", help="run directories of the searches")
+    parser.add_argument("--rows", default=str(ROOT / "bench" / "results" / "amc_rows.jsonl"),
+                        help="measured rows (kept in the repository, so the table can be rebuilt)")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--report", action="store_true", help="only rebuild the table from OUT/rows.jsonl")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from the rows file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows_file = Path(args.out) / "rows.jsonl"
+    rows_file = Path(args.rows)
     rows_file.parent.mkdir(parents=True, exist_ok=True)
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
@@ -80,7 +83,8 @@ def main() -> int:
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (name, budget_text, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
-                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images, seed=seed))
+                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images,
+                                                                         bn_batches=args.bn_batches, seed=seed))
                 env = ChannelPruningEnv(evaluator, budget)
                 run_path = Path(args.out) / f"{name}-{budget.tag}-seed{seed}-{datetime.date.today().isoformat()}"
                 run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
@@ -97,7 +101,8 @@ def main() -> int:
                 row = {
                     "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
                     "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
-                    "val_images": args.val_images, "finetune_epochs": args.finetune_epochs,
+                    "val_images": args.val_images, "bn_batches": args.bn_batches, "threads": args.threads,
+                    "finetune_epochs": args.finetune_epochs,
                     "command": "python bench/bench_amc.py " + " ".join(sys.argv[1:]),
                     "env_s": env.seconds, "eval_s": evaluator.seconds, "evaluations": evaluator.evaluations,
                     "agent_share": max(0.0, search_s - env.seconds) / search_s,
@@ -128,8 +133,8 @@ def main() -> int:
         + "; ".join(f"`{c}`" for c in commands) + ". FLOPs are MACs.",
         "",
         "- *val*: accuracy on the whole held-out validation split (5,000 images) after BN recalibration, before any "
-        "fine-tuning. The search itself scores policies on a fixed subset of it (`--val-images`, 2,000 unless the "
-        "command says otherwise).",
+        "fine-tuning. The search itself scores policies on a fixed subset of it (`--val-images`, 1,000 unless the "
+        "command says otherwise) after recalibrating BN on `--bn-batches` batches of 64 training images (10).",
         "- *warm-up best*: the best search-subset accuracy among the random warm-up episodes; *best ep.*: the episode "
         "that produced the best policy (after the warm-up means the learning phase found it).",
         "- *test (FT)*: test accuracy after `--finetune-epochs` epochs of fine-tuning (SGD, lr 0.01, cosine), the "
