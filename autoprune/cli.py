@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoprune.errors import AutopruneError
+
+if TYPE_CHECKING:
+    from autoprune.budgets import Budget
+
+log = logging.getLogger(__name__)
 
 EPILOG = """\
 FLOPs are multiply-accumulates (MACs), as AMC, NetAdapt and Torch-Pruning count them.
@@ -20,6 +27,9 @@ examples:
   autoprune eval --model pruned/model.pt2
   autoprune lut build --backend torch --threads 1  # on the target device
   autoprune search --budget 50%flops              # AMC: DDPG over per-group keep ratios
+  autoprune search --budget 50%flops --agent uniform   # or netadapt, random, sensitivity
+  autoprune compare runs/A runs/B                 # table and Pareto plots of finished runs
+  autoprune sweep --agents ddpg,uniform --budgets 30%flops,50%flops --out runs/sweep-1
   autoprune train --model resnet20 --data fashion-mnist
 """
 
@@ -296,36 +306,191 @@ def cmd_lut_validate(args) -> int:
     return 0
 
 
+AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity")
 SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
                "reward", "criterion", "lut", "lower_bound", "channel_multiple", "val_images", "bn_batches",
-               "finetune_epochs", "finetune_lr", "seed")
+               "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
+               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations")
+NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations")
+AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward"), "random": ("samples",),
+              "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only one agent reads
 
 
-def cmd_search(args) -> int:
+def _default_criterion(agent: str) -> str:
+    """L2 for NetAdapt (the paper's), L1 (Li et al.) for every other agent."""
+    return "l2" if agent == "netadapt" else "l1"
+
+
+def _import_netadapt():
+    """agents.netadapt, or a clear error if this installation lacks it."""
+    try:
+        from agents import netadapt
+    except ImportError as exc:
+        raise AutopruneError(f"agent netadapt is not available in this installation ({exc}); "
+                             f"choose one of {', '.join(a for a in AGENTS if a != 'netadapt')}") from None
+    return netadapt
+
+
+def _check_search_args(args) -> Budget:
+    """Every check that needs no model or data; returns the parsed budget."""
     from autoprune.budgets import parse_budget
-    from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-    from autoprune.runs import Run, new_run_dir
-    from autoprune.train import TrainConfig, seed_everything
 
-    if args.resume:
-        run = Run.open(args.resume)
-        saved = run.config
-        for key in SEARCH_KEYS:
-            setattr(args, key, saved.get(key))
-        args.no_download = True
+    if args.agent not in AGENTS:
+        raise AutopruneError(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
     if args.budget is None:
         raise AutopruneError("--budget is required, e.g. --budget 50%flops (or --resume RUN_DIR)")
-    if args.agent != "ddpg":
-        raise AutopruneError(f"unknown agent {args.agent!r}; this version has: ddpg")
     budget = parse_budget(args.budget)
     if budget.metric == "latency" and not args.lut:
         raise AutopruneError("a latency budget needs a latency table: pass --lut FILE "
                              "(build one with `autoprune lut build` on the target device)")
-    if args.episodes < 1 or args.warmup_episodes < 0 or args.warmup_episodes > args.episodes:
+    if not 0.0 < args.lower_bound <= 1.0:
+        raise AutopruneError(f"--lower-bound {args.lower_bound} must be in (0, 1]")
+    if args.finetune_epochs < 0:
+        raise AutopruneError("--finetune-epochs must be 0 or more")
+    if args.agent == "ddpg" and (args.episodes < 1 or args.warmup_episodes < 0
+                                 or args.warmup_episodes > args.episodes):
         raise AutopruneError("--episodes must be at least 1 and --warmup-episodes between 0 and --episodes")
+    if args.agent == "random" and args.samples < 1:
+        raise AutopruneError("--samples must be at least 1")
+    if args.agent == "sensitivity" and not 0.0 < args.sensitivity_step < 1.0:
+        raise AutopruneError("--sensitivity-step must be in (0, 1), e.g. 0.1")
+    return budget
+
+
+def _floor_channels(agent: str, description, lower_bound: float, multiple: int) -> dict[str, int]:
+    """The fewest channels each group may keep under the agent's lower bound."""
+    from autoprune.costs import policy_channels, uniform_policy
+
+    if agent == "netadapt":
+        from agents.netadapt import minimum_channels  # NetAdapt rounds its floors up
+
+        return {g.name: minimum_channels(g.channels, lower_bound, multiple) for g in description.groups}
+    return policy_channels(description, uniform_policy(description, lower_bound), multiple)
+
+
+def _check_reachable(budget, description, lut, floor: dict[str, int], lower_bound: float) -> None:
+    """Refuse a budget that no policy with every group at or above its floor can meet."""
+    from autoprune.budgets import resource_value
+
+    full = {g.name: g.channels for g in description.groups}
+    base = resource_value(budget.metric, description, full, lut)
+    value = resource_value(budget.metric, description, floor, lut)
+    if value > budget.limit(base) * (1 + 1e-9):
+        raise AutopruneError(
+            f"budget {budget} is unreachable: even with every group at the lower bound {lower_bound:g} the model "
+            f"keeps {100 * value / base:.1f} % of its {budget.metric}; lower --lower-bound or loosen the budget")
+
+
+NETADAPT_RESUME_OVERRIDES = ("workers", "max_iterations")  # what a resumed NetAdapt search may change
+
+
+def _netadapt_config(args, saved: dict | None):
+    """NetAdapt's settings: the saved ones on resume (workers and max_iterations may be raised
+    on the command line), else its defaults overridden by the flags given."""
+    netadapt = _import_netadapt()
+    if saved:
+        overrides = {key: value for key, value in getattr(args, "resume_overrides", {}).items()
+                     if key in NETADAPT_RESUME_OVERRIDES}
+        return netadapt.NetAdaptConfig(**{**saved, **overrides})
+    given = {key: getattr(args, key) for key in NETADAPT_FLAGS if getattr(args, key) is not None}
+    return netadapt.NetAdaptConfig(**given, criterion=args.criterion, lower_bound=args.lower_bound)
+
+
+def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
+    """A function run -> (result, search breakdown) for the chosen agent, with everything
+    that can refuse the settings (the environment, NetAdapt's config) built now, before
+    any run directory exists."""
+    progress = not args.quiet
+    if args.agent in ("ddpg", "random"):
+        import envs  # noqa: F401 - registers the environment
+
+    if args.agent == "ddpg":
+        from agents.amc import run_amc
+        from agents.ddpg import AMCConfig
+        from envs.channel_pruning import ChannelPruningEnv
+
+        env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward)
+        config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
+
+        def search_ddpg(run):
+            started = time.perf_counter()
+            best = run_amc(run, env, config, seed=args.seed, progress=progress)
+            elapsed = time.perf_counter() - started
+            return best, {**evaluator.timings, "agent": max(0.0, elapsed - env.seconds)}
+
+        return search_ddpg, None
+    if args.agent == "netadapt":
+        from dataclasses import asdict
+
+        netadapt = _import_netadapt()
+        config = _netadapt_config(args, agent_config)
+
+        def search_netadapt(run):
+            started = time.perf_counter()
+            result = netadapt.run_netadapt(run, evaluator, budget, lut=table, config=config, seed=args.seed,
+                                           progress=progress)
+            phases = dict(result.get("proposal_seconds") or {})
+            elapsed = time.perf_counter() - started
+            return result, {**phases, "agent": max(0.0, elapsed - sum(phases.values()))}
+
+        return search_netadapt, asdict(config)
+
+    from agents import baselines
+
+    if args.agent == "uniform":
+        def search(run):
+            return baselines.run_uniform(run, evaluator, budget, table, seed=args.seed, progress=progress), None
+    elif args.agent == "random":
+        from envs.channel_pruning import ChannelPruningEnv
+
+        ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound)  # refuses bad settings now
+
+        def search(run):
+            return baselines.run_random(run, evaluator, budget, table, samples=args.samples,
+                                        lower_bound=args.lower_bound, seed=args.seed, progress=progress), None
+    else:
+        baselines.sensitivity_grid(args.lower_bound, args.sensitivity_step)
+
+        def search(run):
+            return baselines.run_sensitivity(run, evaluator, budget, table, lower_bound=args.lower_bound,
+                                             step=args.sensitivity_step, seed=args.seed, progress=progress), None
+    return search, None
+
+
+def run_search(args, loaded=None):
+    """Search, prune, fine-tune and report into a run directory; returns (run, metrics).
+
+    `args` carries the search settings (the `search` command's options). With
+    `args.resume`, the settings saved in that run directory are used (a finished run is
+    returned as it is). Every check that
+    can refuse the settings runs before the run directory is created. `loaded` is an
+    already loaded (model, meta, data) for these settings, which a sweep shares.
+    """
+    from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+    from autoprune.report import finish_run
+    from autoprune.runs import Run, new_run_dir
+    from autoprune.train import TrainConfig, seed_everything
+
+    run = None
+    if args.resume:
+        run = Run.open(args.resume)
+        if run.finished:
+            log.info("%s is already finished; nothing to resume", run.path)
+            return run, run.read_metrics()
+        saved = run.config
+        args.resume_overrides = {key: getattr(args, key) for key in NETADAPT_RESUME_OVERRIDES
+                                 if getattr(args, key, None) is not None}
+        for key in SEARCH_KEYS:
+            if key in saved:
+                setattr(args, key, saved[key])
+        args.no_download = True
+    budget = _check_search_args(args)
+    args.criterion = args.criterion or _default_criterion(args.agent)
+    if args.agent == "netadapt":
+        _import_netadapt()
 
     seed_everything(args.seed)
-    model, meta, data = _model_and_data(args)
+    model, meta, data = loaded if loaded is not None else _model_and_data(args)
     table = None
     if args.lut:
         from autoprune.latency import load_lut
@@ -334,33 +499,234 @@ def cmd_search(args) -> int:
     evaluator = PolicyEvaluator(model, data, EvaluatorConfig(
         criterion=args.criterion, channel_multiple=args.channel_multiple, bn_batches=args.bn_batches,
         val_images=args.val_images, seed=args.seed))
+    description = evaluator.description
+    if not description.groups:
+        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
+    if table is not None:
+        table.check_model(description)
+    _check_reachable(budget, description, table,
+                     _floor_channels(args.agent, description, args.lower_bound, args.channel_multiple),
+                     args.lower_bound)
+    search, agent_config = _make_searcher(args, evaluator, budget, table,
+                                          run.config.get("agent_config") if run is not None else None)
+    if run is not None and agent_config is not None and agent_config != run.config.get("agent_config"):
+        from autoprune.io import atomic_write_json
+        from autoprune.runs import CONFIG
 
-    import envs  # noqa: F401 - registers the environment
-    from agents.amc import run_amc
-    from agents.ddpg import AMCConfig
-    from envs.channel_pruning import ChannelPruningEnv
+        atomic_write_json(run.path / CONFIG, {**run.config, "agent_config": agent_config,
+                                              **{key: agent_config[key] for key in NETADAPT_RESUME_OVERRIDES}})
 
-    env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward)
-    if not args.resume:
+    if run is None:
         config = {key: getattr(args, key) for key in SEARCH_KEYS}
         config.update(model_name=args.model or "default (resnet20 on fashion-mnist)", data=data.name,
-                      groups=[g.name for g in evaluator.description.groups],
+                      groups=[g.name for g in description.groups],
                       command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
+        if agent_config is not None:
+            config["agent_config"] = agent_config
+        if getattr(args, "sweep", None):
+            config["sweep"] = args.sweep
         path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
         run = Run.create(path, config)
     started = time.perf_counter()
-    best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
-                   seed=args.seed, progress=not args.quiet)
-    search_seconds = time.perf_counter() - started
-    breakdown = {**evaluator.timings, "agent": max(0.0, search_seconds - env.seconds)}
-    from autoprune.report import finish_run
+    result, breakdown = search(run)
+    session_seconds = time.perf_counter() - started
+    search_seconds = run.add_search_seconds(session_seconds)
+    if breakdown is None:
+        breakdown = {**evaluator.timings, "agent": max(0.0, session_seconds - evaluator.seconds)}
+    summary = {key: value for key, value in result.items() if key not in ("policy", "channels", "model")}
+    evaluations = evaluator.evaluations + int(result.get("proposals") or 0)  # NetAdapt scores its own
+    metrics = finish_run(run, evaluator, result["policy"], budget=budget, lut=table, search_seconds=search_seconds,
+                         search_breakdown=breakdown, progress=not args.quiet, model=result.get("model"),
+                         search_result=summary, candidate_evaluations=evaluations,
+                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed))
+    return run, metrics
 
-    finish_run(run, evaluator, best["policy"], budget=budget, lut=table, search_seconds=search_seconds,
-               search_breakdown=breakdown, progress=not args.quiet,
-               finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed))
+
+def cmd_search(args) -> int:
+    run, _ = run_search(args)
     print((run.path / "report.md").read_text())
     print(f"run directory: {run.path}")
     return 0
+
+
+def cmd_compare(args) -> int:
+    from autoprune.compare import load_runs, new_comparison_dir, write_comparison
+
+    records = load_runs(args.runs)
+    out = Path(args.out) if args.out else new_comparison_dir()
+    _, markdown, written = write_comparison(records, out)
+    print(markdown)
+    print(f"wrote {', '.join(p.name for p in written)} in {out}")
+    return 0
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def _sweep_plan(args) -> list[argparse.Namespace]:
+    """One `search` namespace per (agent, budget, seed); every problem found is reported at once."""
+    from autoprune.budgets import parse_budget
+
+    agents, budgets, seeds_text = _split_list(args.agents), _split_list(args.budgets), _split_list(args.seeds)
+    problems = []
+    unknown = [a for a in agents if a not in AGENTS]
+    if not agents or unknown:
+        problems.append(f"unknown agent(s) {', '.join(unknown) or '(none given)'} (choose from {', '.join(AGENTS)})")
+    parsed, bad = {}, []
+    for text in budgets:
+        try:
+            parsed[text] = parse_budget(text)
+        except AutopruneError:
+            bad.append(text)
+    if not budgets or bad:
+        from autoprune.budgets import ACCEPTED_FORMS
+
+        problems.append(f"unreadable budget(s) {', '.join(bad) or '(none given)'} (accepted forms: {ACCEPTED_FORMS})")
+    if not args.lut and any(b.metric == "latency" for b in parsed.values()):
+        problems.append("latency budgets need a latency table: pass --lut FILE")
+    seeds = []
+    for text in seeds_text:
+        try:
+            seeds.append(int(text))
+        except ValueError:
+            problems.append(f"seed {text!r} is not an integer")
+    if not seeds_text:
+        problems.append("--seeds needs at least one integer")
+    if problems:
+        raise AutopruneError("sweep not started: " + "; ".join(problems))
+
+    tag = f"{'+'.join(agents)}-{'+'.join(parsed[b].tag for b in budgets)}-s{'+'.join(map(str, seeds))}"
+    args.out = args.out or str(Path("runs") / f"sweep-{tag}")
+    plan = []
+    for agent in agents:
+        for text in budgets:
+            for seed in seeds:
+                ns = argparse.Namespace(**vars(args))
+                ns.agent, ns.budget, ns.seed, ns.resume = agent, text, seed, None
+                ns.out = str(Path(args.out) / f"{agent}-{parsed[text].tag}-s{seed}")
+                ns.sweep = args.out
+                _check_search_args(ns)
+                plan.append(ns)
+    return plan
+
+
+def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
+    """Settings that an existing run directory of a sweep was made with and that differ now."""
+    others = {key for agent, keys in AGENT_KEYS.items() if agent != ns.agent for key in keys}
+    differ = []
+    for key in SEARCH_KEYS:
+        wanted = getattr(ns, key, None)
+        if key in others or key in NETADAPT_RESUME_OVERRIDES:
+            continue  # another agent's setting; or one a resumed NetAdapt search may raise
+        if wanted is not None and key in saved and saved[key] != wanted:
+            differ.append(f"{key} {saved[key]!r} (now {wanted!r})")
+    return differ
+
+
+def cmd_sweep(args) -> int:
+    from autoprune.budgets import parse_budget
+    from autoprune.compare import load_runs, write_comparison
+    from autoprune.pruning import describe_network
+    from autoprune.runs import CONFIG, METRICS
+
+    plan = _sweep_plan(args)
+    if any(ns.agent == "netadapt" for ns in plan):
+        _import_netadapt()
+    for ns in plan:
+        config_path = Path(ns.out) / CONFIG
+        if config_path.is_file():
+            differ = _sweep_mismatch(json.loads(config_path.read_text()), ns)
+            if differ:
+                raise AutopruneError(f"{ns.out} was made with other settings ({', '.join(differ)}); "
+                                     "pass another --out or repeat the original command")
+    loaded = _model_and_data(args)
+    description = describe_network(loaded[0], loaded[2].input_shape)
+    if not description.groups:
+        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
+    table = None
+    if args.lut:
+        from autoprune.latency import load_lut
+
+        table = load_lut(args.lut)
+        table.check_model(description)
+    unreachable = []
+    for ns in plan:
+        floor = _floor_channels(ns.agent, description, args.lower_bound, args.channel_multiple)
+        try:
+            _check_reachable(parse_budget(ns.budget), description, table, floor, args.lower_bound)
+        except AutopruneError:
+            unreachable.append(ns.budget)
+    unreachable = list(dict.fromkeys(unreachable))
+    if unreachable:
+        raise AutopruneError(f"sweep not started: budget(s) {', '.join(unreachable)} unreachable even with every "
+                             f"group at the lower bound {args.lower_bound:g}; lower --lower-bound or loosen them")
+
+    failed = []
+    for i, ns in enumerate(plan, 1):
+        label = f"[{i}/{len(plan)}] {ns.agent} at {ns.budget}, seed {ns.seed}"
+        path = Path(ns.out)
+        if (path / METRICS).is_file():
+            print(f"{label}: finished, skipped ({path})", flush=True)
+            continue
+        if (path / CONFIG).is_file():
+            ns.resume = str(path)
+            print(f"{label}: resuming {path}", flush=True)
+        else:
+            print(f"{label}: running into {path}", flush=True)
+        try:
+            _, metrics = run_search(ns, loaded=loaded)
+        except AutopruneError as exc:  # e.g. NetAdapt out of iterations: the other runs still go ahead
+            print(f"{label}: failed: {exc}", flush=True)
+            failed.append(path.name)
+            continue
+        print(f"{label}: {100 * metrics['flops_ratio']:.1f} % FLOPs, test accuracy "
+              f"{100 * metrics['test_accuracy']:.2f} % after {metrics['finetune_epochs']} epoch(s)", flush=True)
+    finished = [ns.out for ns in plan if (Path(ns.out) / METRICS).is_file()]
+    if finished:
+        out = Path(args.out) / "comparison"
+        _, markdown, written = write_comparison(load_runs(finished), out)
+        print(markdown)
+        print(f"wrote {', '.join(p.name for p in written)} in {out}")
+    if failed:
+        raise AutopruneError(f"{len(failed)} of {len(plan)} sweep runs failed ({', '.join(failed)}; see above); "
+                             "fix the settings, then repeat the command to resume them")
+    return 0
+
+
+def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    """Options shared by `search` and `sweep` (which takes --seeds instead of --seed)."""
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--criterion", default=None, choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"),
+                   help="which channels to keep inside a group (default: l2 for netadapt, as in the paper; "
+                        "l1 otherwise)")
+    p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
+    p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio any agent may choose")
+    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
+    p.add_argument("--val-images", type=int, default=2000, help="validation images scored per candidate")
+    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="long-term fine-tune of the best policy")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    ddpg = p.add_argument_group("ddpg (AMC)")
+    ddpg.add_argument("--episodes", type=int, default=400, help="episodes in all, warm-up included (AMC: 400)")
+    ddpg.add_argument("--warmup-episodes", type=int, default=100, help="episodes of random actions first (AMC: 100)")
+    ddpg.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
+    baselines = p.add_argument_group("random and sensitivity baselines")
+    baselines.add_argument("--samples", type=int, default=100, help="random: policies drawn (default: 100)")
+    baselines.add_argument("--sensitivity-step", type=float, default=0.1,
+                           help="sensitivity: spacing of the keep ratios on each group's curve (default: 0.1)")
+    netadapt = p.add_argument_group("netadapt (defaults: NetAdapt's own)")
+    netadapt.add_argument("--workers", type=int, default=None, help="proposals evaluated in parallel")
+    netadapt.add_argument("--short-term-steps", type=int, default=None,
+                          help="fine-tuning steps for each proposal")
+    netadapt.add_argument("--initial-reduction", type=float, default=None,
+                          help="resource cut of the first iteration, as a fraction of the unpruned model's")
+    netadapt.add_argument("--reduction-decay", type=float, default=None, help="factor on the cut per iteration")
+    netadapt.add_argument("--max-iterations", type=int, default=None, help="stop after this many iterations")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,28 +782,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="report whether the policy meets it, e.g. 50%%flops, 3.5ms")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("search", help="find a per-group pruning policy under a budget (AMC: DDPG), prune, "
-                                      "fine-tune, report")
+    p = sub.add_parser("search", help="find a per-group pruning policy under a budget (AMC's DDPG, NetAdapt or "
+                                      "a baseline), prune, fine-tune, report")
     p.add_argument("--budget", default=None, help="e.g. 50%%flops, 30%%params, 50%%latency (with --lut), 20MFLOPs, 3.5ms")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--agent", default="ddpg", help="ddpg (AMC)")
-    p.add_argument("--episodes", type=int, default=400, help="episodes in all, warm-up included (AMC: 400)")
-    p.add_argument("--warmup-episodes", type=int, default=100, help="episodes of random actions first (AMC: 100)")
-    p.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
-    p.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"))
-    p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
-    p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio an action can choose")
-    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
-    p.add_argument("--val-images", type=int, default=2000, help="validation images scored per candidate")
-    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="long-term fine-tune of the best policy")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
+    p.add_argument("--agent", default="ddpg", help=f"one of {', '.join(AGENTS)} (default: ddpg, AMC)")
+    _add_search_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/TIME-AGENT-BUDGET)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed search")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("compare", help="finished runs side by side: table (CSV, Markdown) and Pareto plots")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `autoprune search`")
+    p.add_argument("--out", default=None, help="output directory (default: comparisons/TIME/)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="search every agent at every budget and seed, then compare; "
+                                     "repeating the command continues a killed sweep")
+    p.add_argument("--agents", required=True, help=f"comma-separated, from {', '.join(AGENTS)}")
+    p.add_argument("--budgets", required=True, help="comma-separated, e.g. 30%%flops,50%%flops,70%%flops")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    _add_search_args(p, seed=False)
+    p.add_argument("--out", default=None,
+                   help="directory of the sweep's runs and comparison (default: runs/sweep-AGENTS-BUDGETS-sSEEDS)")
+    p.set_defaults(func=cmd_sweep)
 
     lut = sub.add_parser("lut", help="latency lookup tables measured on this device")
     lut_sub = lut.add_subparsers(dest="lut_command", metavar="LUT_COMMAND", required=True)

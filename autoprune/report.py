@@ -2,37 +2,113 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
+import torch
+import torch.nn as nn
+
 from autoprune.costs import count_cost, format_count, policy_channels
+from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import save_pruned_model
 from autoprune.io import atomic_write_text
 from autoprune.runs import Run
-from autoprune.train import TrainConfig, evaluate, train
+from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
+
+log = logging.getLogger(__name__)
+
+LATENCY_TARGET_MS = 300.0  # timed calls per network and pass are sized to take about this long
+LATENCY_ROUNDS = 3  # passes over the networks; each keeps its fastest
+
+
+def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], lut=None) -> dict:
+    """Whole-network latency (ms) of each model on this machine, in a few seconds.
+
+    With a LUT, the networks run on its runtime with its threads and batch size; without
+    one, or when this machine lacks that runtime, under torch eager with 1 thread and
+    batch 1. Returns {"ms": [...], "settings": {...}}; the settings say what was used and
+    on which CPU, and whether that CPU is the one the LUT was measured on.
+    """
+    from autoprune.latency import cpu_model, get_backend, measure_networks, time_runs
+
+    backend_name, threads, batch, options, note = "torch", 1, 1, {}, None
+    if lut is not None:
+        runtime = lut.runtime
+        backend_name, threads, batch = runtime["backend"], runtime["threads"], runtime.get("batch", 1)
+        if "graph_optimization" in runtime:
+            options["optimization"] = runtime["graph_optimization"]
+    saved_threads = torch.get_num_threads()
+    try:
+        try:
+            backend = get_backend(backend_name, threads, **options)
+        except AutopruneError as exc:
+            note = f"the LUT's runtime is not usable here ({exc}); measured under torch eager instead"
+            log.warning(note)
+            backend_name, threads, batch = "torch", 1, 1
+            backend = get_backend("torch", 1)
+        shape = (batch, *input_shape)
+        probe_ms = time_runs(backend.runner(models[0], shape), 2, 3)
+        runs = int(min(50, max(5, LATENCY_TARGET_MS / max(probe_ms, 1e-3))))
+        measured = measure_networks(backend, models, input_shape, batch, warmup=5, runs=runs,
+                                    rounds=LATENCY_ROUNDS)
+    finally:
+        torch.set_num_threads(saved_threads)
+    cpu = cpu_model()
+    lut_cpu = (lut.data.get("device") or {}).get("cpu") if lut is not None else None
+    settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "runs": runs,
+                "rounds": LATENCY_ROUNDS, "statistic": "minimum over rounds of the median of runs",
+                "measured_on": cpu, "lut_device": lut_cpu,
+                "on_lut_device": None if lut is None else lut_cpu == cpu}
+    if note:
+        settings["note"] = note
+    return {"ms": measured, "settings": settings}
 
 
 def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: TrainConfig, budget, lut=None,
-               search_seconds: float = 0.0, search_breakdown: dict | None = None, progress: bool = True) -> dict:
-    """Apply `policy` to the base model, recalibrate BN, fine-tune, evaluate, and write the
-    model, metrics, keep-ratio plot and report into the run directory.
+               search_seconds: float = 0.0, search_breakdown: dict | None = None, progress: bool = True,
+               model: nn.Module | None = None, search_result: dict | None = None,
+               candidate_evaluations: int | None = None) -> dict:
+    """Apply `policy` to the base model, recalibrate BN, fine-tune, evaluate, time, and
+    write the model, metrics, keep-ratio plot and report into the run directory.
 
-    `search_breakdown` splits `search_seconds` (e.g. prune, BN recalibration, validation,
-    agent); it is reported as given."""
+    `model`, when given, is the pruned network the search already built (NetAdapt's,
+    short-term fine-tuned): it is long-term fine-tuned instead of pruning the base model
+    again; its BN statistics are still recalibrated before the "before fine-tuning"
+    accuracy is measured. `search_breakdown` splits `search_seconds` (e.g. prune, BN
+    recalibration, validation, agent); it is reported as given. `search_result` holds the
+    searcher's own figures (threshold, iterations, stop reason, ...); its JSON-safe scalars
+    go into the metrics under "search". `candidate_evaluations` defaults to the evaluator's
+    count (a searcher that scores candidates itself, as NetAdapt does, passes its own).
+    """
+    from autoprune.pruning import describe_network
+
     data, description = evaluator.data, evaluator.description
     shape = data.input_shape
     base_model = evaluator.pruner.model
     channels = policy_channels(description, policy, evaluator.config.channel_multiple)
     base_cost, cost = count_cost(description), count_cost(description, channels)
 
-    pruned = evaluator.prune(policy)
+    if model is None:
+        pruned = evaluator.prune(policy)
+    else:
+        pruned = model
+        recalibrate_bn(pruned, data, num_batches=evaluator.config.bn_batches,
+                       batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
+    counted = count_cost(describe_network(pruned, shape))
+    if counted != cost:
+        log.warning("the pruned network counts %d FLOPs and %d params, the policy's accounting %d and %d; "
+                    "reporting the counted figures", counted.flops, counted.params, cost.flops, cost.params)
+        cost = counted
     val_before = evaluate(pruned, data, "val")["accuracy"]
     test_before = evaluate(pruned, data, "test")["accuracy"]
     started = time.perf_counter()
     history = train(pruned, data, finetune, state_path=run.state_dir / "finetune.state", progress=progress)
     finetune_seconds = time.perf_counter() - started
+    latency = measure_latency([base_model, pruned], shape, lut)
+    evaluations = evaluator.evaluations if candidate_evaluations is None else candidate_evaluations
     metrics = {
-        "budget": str(budget), "budget_metric": budget.metric,
+        "agent": run.config.get("agent"), "budget": str(budget), "budget_metric": budget.metric,
         "base_flops": base_cost.flops, "flops": cost.flops, "flops_ratio": cost.flops / base_cost.flops,
         "base_params": base_cost.params, "params": cost.params, "params_ratio": cost.params / base_cost.params,
         "base_val_accuracy": evaluate(base_model, data, "val")["accuracy"],
@@ -41,11 +117,17 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
         "val_accuracy": evaluate(pruned, data, "val")["accuracy"],
         "test_accuracy": evaluate(pruned, data, "test")["accuracy"],
         "finetune_epochs": finetune.epochs, "finetune_seconds": round(finetune_seconds, 1),
-        "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluator.evaluations,
+        "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluations,
+        "measured_latency_ms_base": latency["ms"][0], "measured_latency_ms": latency["ms"][1],
+        "measured_latency_ratio": latency["ms"][1] / latency["ms"][0],
+        "measured_latency_settings": latency["settings"], "measured_on": latency["settings"]["measured_on"],
         "policy": policy, "channels": channels, "finetune_history": history,
     }
     if search_breakdown:
         metrics["search_breakdown_seconds"] = {key: round(value, 1) for key, value in search_breakdown.items()}
+    if search_result:
+        metrics["search"] = {key: value for key, value in search_result.items()
+                             if isinstance(value, (str, int, float, bool)) or value is None}
     if lut is not None:
         metrics["lut_latency_ms_base"] = lut.predict_ms(description)
         metrics["lut_latency_ms"] = lut.predict_ms(description, channels)
@@ -75,6 +157,13 @@ def _report(run: Run, m: dict) -> str:
     if "lut_latency_ms" in m:
         lines.append(f"- latency (LUT): {m['lut_latency_ms_base']:.3f} ms -> {m['lut_latency_ms']:.3f} ms "
                      f"({100 * m['lut_latency_ratio']:.1f} %)")
+    if "measured_latency_ms" in m:
+        s = m["measured_latency_settings"]
+        where = s["measured_on"] + ("" if s.get("on_lut_device") in (None, True) else
+                                    f", not the LUT's device ({s.get('lut_device')})")
+        lines.append(f"- latency (measured here, {s['backend']}, {s['threads']} thread(s), batch {s['batch']}, "
+                     f"on {where}): {m['measured_latency_ms_base']:.3f} ms -> {m['measured_latency_ms']:.3f} ms "
+                     f"({100 * m['measured_latency_ratio']:.1f} %)")
     lines += [
         f"- validation accuracy: unpruned {100 * m['base_val_accuracy']:.2f} %, pruned before fine-tuning "
         f"(BN recalibrated) {100 * m['val_accuracy_before_finetune']:.2f} %, after "
@@ -84,6 +173,9 @@ def _report(run: Run, m: dict) -> str:
         f"- search {m['search_seconds']:.0f} s ({m['candidate_evaluations']} candidates evaluated), "
         f"fine-tuning {m['finetune_seconds']:.0f} s",
     ]
+    if m.get("search"):
+        lines.append("- search result: " + ", ".join(f"{key.replace('_', ' ')} {_short(value)}"
+                                                    for key, value in m["search"].items()))
     if "search_breakdown_seconds" in m:
         lines.append("- search time: " + ", ".join(f"{key.replace('_', ' ')} {value:.0f} s"
                                                  for key, value in m["search_breakdown_seconds"].items()))
@@ -94,3 +186,7 @@ def _report(run: Run, m: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

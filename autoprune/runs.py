@@ -4,7 +4,7 @@
         config.json        what was asked for (model, data, budget, agent settings, seed)
         history.csv        one row per episode / iteration (rewritten atomically)
         best_policy.json   group -> keep ratio of the best candidate so far
-        state/             the searcher's resume state
+        state/             the searcher's resume state (and the search time of past sessions)
         model.pt2          the pruned, fine-tuned network (loads without its class)
         metrics.json       final figures
         keep_ratios.png    per-group keep ratios of the best policy
@@ -27,6 +27,7 @@ CONFIG = "config.json"
 HISTORY = "history.csv"
 BEST_POLICY = "best_policy.json"
 METRICS = "metrics.json"
+SEARCH_TIME = "search_seconds.json"  # in state/
 
 
 def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
@@ -98,6 +99,29 @@ class Run:
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.path / METRICS, metrics)
+
+    @property
+    def finished(self) -> bool:
+        """True once the metrics are written, the last thing a search does."""
+        return (self.path / METRICS).is_file()
+
+    def read_metrics(self) -> dict | None:
+        path = self.path / METRICS
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AutopruneError(f"cannot read {path}: {exc}") from None
+
+    def add_search_seconds(self, seconds: float) -> float:
+        """Add one search session's wall time to the run's total and return the total, so a
+        search resumed after a kill in fine-tuning still reports how long it searched."""
+        path = self.state_dir / SEARCH_TIME
+        previous = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        total = previous + seconds
+        atomic_write_json(path, {"seconds": total})
+        return total
 
     def plot_keep_ratios(self, policy: dict, channels: dict[str, int], title: str) -> Path:
         """Bar chart of the keep ratio of every group (PNG)."""

@@ -1,5 +1,6 @@
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -195,3 +196,159 @@ def test_search_bad_inputs_leave_no_run_directory(checkpoint, tmp_path, capsys):
             assert not out.exists(), label
     finally:
         sys.path.remove(str(tmp_path))
+
+
+BASELINE_FAST = ["--val-size", "400", "--val-images", "100", "--bn-batches", "2", "--finetune-epochs", "0", "--quiet"]
+RUN_FILES = ("config.json", "history.csv", "best_policy.json", "model.pt2", "metrics.json", "keep_ratios.png",
+             "report.md")
+
+
+@pytest.mark.parametrize("agent, flags", [
+    ("uniform", []),
+    ("random", ["--samples", "3"]),
+    ("sensitivity", ["--lower-bound", "0.5", "--sensitivity-step", "0.5"]),
+])
+def test_search_with_a_baseline_agent_writes_a_complete_run_directory(checkpoint, tmp_path, capsys, agent, flags):
+    out = tmp_path / agent
+    code, stdout, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "60%flops", "--agent", agent,
+                            "--out", str(out), *flags, *BASELINE_FAST)
+    assert code == 0, err
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert metrics["agent"] == config["agent"] == agent and config["criterion"] == "l1"
+    assert metrics["flops_ratio"] <= 0.6 and metrics["measured_latency_ms"] > 0
+    assert json.loads((out / "best_policy.json").read_text())["policy"] == metrics["policy"]
+    rows = (out / "history.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == {"uniform": 1, "random": 3, "sensitivity": 12}[agent]
+    assert f"# {agent} at 60% flops" in stdout and str(out) in stdout
+
+
+def test_search_with_netadapt_fine_tunes_the_model_it_returns(checkpoint, tmp_path, capsys):
+    pytest.importorskip("agents.netadapt")
+    out = tmp_path / "netadapt"
+    code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "80%flops", "--agent", "netadapt",
+                       "--out", str(out), "--initial-reduction", "0.3", "--max-iterations", "2",
+                       "--short-term-steps", "1", "--workers", "1", *BASELINE_FAST)
+    assert code == 0, err
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["criterion"] == "l2" and config["agent_config"]["criterion"] == "l2"
+    assert config["agent_config"]["max_iterations"] == 2 and metrics["agent"] == "netadapt"
+    assert metrics["flops_ratio"] <= 0.8 + 1e-9 and metrics["search"]["stop_reason"] == "budget met"
+    assert metrics["candidate_evaluations"] == sum(int(row.split(",")[11]) for row in
+                                                   (out / "history.csv").read_text().strip().splitlines()[1:])
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoprune: error:"), err
+    return lines[0]
+
+
+def test_search_refuses_bad_agent_settings_before_creating_the_run(checkpoint, tmp_path, capsys):
+    foreign = tmp_path / "foreign-lut.json"
+    foreign.write_text(json.dumps({"format": "autoprune-latency-lut", "version": 1, "complete": True,
+                                   "model": {"name": "someone-else", "fingerprint": "0123456789abcdef"},
+                                   "runtime": {"backend": "torch", "threads": 1, "batch": 1}, "entries": {}}))
+    cases = {
+        "unknown agent": (["--agent", "genetic", "--budget", "50%flops"],
+                          "unknown agent 'genetic'; choose one of ddpg, netadapt, uniform, random, sensitivity"),
+        "latency budget without a LUT": (["--agent", "uniform", "--budget", "40%latency"], "needs a latency table"),
+        "LUT of another model": (["--agent", "random", "--budget", "50%flops", "--lut", str(foreign)],
+                                 "was built for model 'someone-else'"),
+        "uniform, unreachable": (["--agent", "uniform", "--budget", "2%flops"], "unreachable"),
+        "random, unreachable": (["--agent", "random", "--budget", "2%flops"], "unreachable"),
+        "sensitivity, unreachable": (["--agent", "sensitivity", "--budget", "10%flops", "--lower-bound", "0.5"],
+                                     "unreachable"),
+        "no samples": (["--agent", "random", "--budget", "50%flops", "--samples", "0"], "--samples"),
+    }
+    try:
+        import agents.netadapt  # noqa: F401
+
+        cases["netadapt, unreachable"] = (["--agent", "netadapt", "--budget", "2%flops"], "unreachable")
+    except ImportError:
+        cases["netadapt missing"] = (["--agent", "netadapt", "--budget", "50%flops"], "not available")
+    for label, (argv, message) in cases.items():
+        out = tmp_path / label.replace(" ", "_").replace(",", "")
+        code, _, err = run(capsys, "search", "--model", str(checkpoint), *argv, "--out", str(out), *BASELINE_FAST)
+        assert code == 2 and message in one_error_line(err), (label, err)
+        assert not out.exists(), label
+
+
+@pytest.fixture(scope="module")
+def sweep(checkpoint, tmp_path_factory):
+    """A finished sweep of two baseline agents at one budget."""
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    argv = ["sweep", "--model", str(checkpoint), "--agents", "uniform,random", "--budgets", "60%flops",
+            "--samples", "2", "--out", str(out), *BASELINE_FAST]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_sweep_runs_every_agent_and_compares_them(sweep):
+    out, _ = sweep
+    for name in ("uniform-60pflops-s0", "random-60pflops-s0"):
+        assert (out / name / "metrics.json").is_file(), name
+        assert json.loads((out / name / "config.json").read_text())["sweep"] == str(out)
+    csv = (out / "comparison" / "comparison.csv").read_text().splitlines()
+    assert len(csv) == 1 + 2 and csv[1].startswith("uniform-60pflops-s0,uniform,60% flops,0,")
+    assert (out / "comparison" / "accuracy_vs_flops.png").is_file()
+
+
+def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(sweep, capsys):
+    out, argv = sweep
+    finished = out / "uniform-60pflops-s0" / "metrics.json"
+    before = finished.stat().st_mtime_ns
+    (out / "random-60pflops-s0" / "metrics.json").unlink()  # as if killed while fine-tuning
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "[1/2] uniform at 60%flops, seed 0: finished, skipped" in stdout
+    assert "[2/2] random at 60%flops, seed 0: resuming" in stdout
+    assert finished.stat().st_mtime_ns == before
+    assert (out / "random-60pflops-s0" / "metrics.json").is_file()
+    history = (out / "random-60pflops-s0" / "history.csv").read_text().strip().splitlines()
+    assert len(history) == 1 + 2  # the two samples were not drawn again
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0 and stdout.count("finished, skipped") == 2
+
+
+def test_sweep_reports_every_bad_agent_and_budget_before_running(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code, _, err = run(capsys, "sweep", "--model", str(checkpoint), "--agents", "uniform,genetic,annealing",
+                       "--budgets", "50%flops,fifty,3watts", "--out", str(out), *BASELINE_FAST)
+    line = one_error_line(err)
+    assert code == 2 and all(word in line for word in ("genetic", "annealing", "fifty", "3watts"))
+    assert not out.exists()
+    code, _, err = run(capsys, "sweep", "--model", str(checkpoint), "--agents", "uniform", "--budgets",
+                       "50%flops,2%flops", "--out", str(out), *BASELINE_FAST)
+    assert code == 2 and "2%flops" in one_error_line(err) and not out.exists()
+
+
+def test_compare_command_writes_its_files_and_refuses_mismatched_or_unfinished_runs(sweep, tmp_path, capsys):
+    out, _ = sweep
+    runs = [out / "uniform-60pflops-s0", out / "random-60pflops-s0"]
+    code, stdout, err = run(capsys, "compare", *map(str, runs), "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    for name in ("comparison.csv", "comparison.md", "accuracy_vs_flops.png", "accuracy_vs_latency.png",
+                 "keep_ratios.png"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+    assert "| uniform-60pflops-s0 | uniform |" in stdout and "| random-60pflops-s0 | random |" in stdout
+
+    other = tmp_path / "other-data"
+    shutil.copytree(runs[1], other)
+    config = json.loads((other / "config.json").read_text())
+    config["data"] = "mnist"
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "compare", str(runs[0]), str(other))
+    assert code == 2 and "differ in data" in one_error_line(err)
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs[0], unfinished)
+    (unfinished / "metrics.json").unlink()
+    code, _, err = run(capsys, "compare", str(runs[1]), str(unfinished))
+    assert code == 2 and f"run {unfinished} is not finished; resume it with autoprune search --resume" in \
+        one_error_line(err)

@@ -1,0 +1,86 @@
+"""Every agent at one budget, side by side, over seeds: the RL-vs-NetAdapt comparison.
+
+Runs `autoprune sweep` over the agents, the budget and the seeds (each run resumable; a
+repeated command skips finished runs), then summarises test accuracy after the same
+long-term fine-tune and validation accuracy before it, per agent: mean, spread
+(max − min) and the number of seeds finished. Writes BENCHMARKS.md between the
+`bench_compare` markers, with the path of the sweep's comparison table and plots.
+
+    python bench/bench_compare.py --budget 50%flops --seeds 0,1,2 --finetune-epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from autoprune.cli import main as autoprune_main
+from autoprune.latency import cpu_model
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_core import write_section  # noqa: E402
+
+AGENTS = "ddpg,netadapt,uniform,random,sensitivity"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", default=AGENTS)
+    parser.add_argument("--budget", default="50%flops")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench-compare")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    code = autoprune_main(["sweep", "--agents", args.agents, "--budgets", args.budget, "--seeds", args.seeds,
+                           "--finetune-epochs", str(args.finetune_epochs), "--out", args.out, "--quiet"])
+    results: dict[str, list[dict]] = {}
+    for metrics_file in sorted(Path(args.out).glob("*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        results.setdefault(metrics.get("agent", metrics_file.parent.name.split("-")[0]), []).append(metrics)
+    if not results:
+        return code or 1
+
+    def summary(values: list[float]) -> str:
+        spread = max(values) - min(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.2f} ± {100 * spread / 2:.2f}"
+
+    lines = [
+        f"## All agents at {args.budget}",
+        "",
+        f"`python bench/bench_compare.py {' '.join(sys.argv[1:])}` on {cpu_model()}, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}: `autoprune sweep` over {args.agents} at {args.budget}, seeds "
+        f"{args.seeds}, each best policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). "
+        "Mean ± half the range over the seeds finished. Per-run table and plots: "
+        f"`{args.out}/comparison/` (comparison.md, accuracy_vs_flops.png, accuracy_vs_latency.png, "
+        "keep_ratios.png).",
+        "",
+        "| agent | seeds | FLOPs kept | val acc before FT (%) | test acc after FT (%) | search (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for agent in args.agents.split(","):
+        runs = results.get(agent, [])
+        if not runs:
+            lines.append(f"| {agent} | 0 | | | | |")
+            continue
+        lines.append(f"| {agent} | {len(runs)} | {summary([m['flops_ratio'] for m in runs])} % | "
+                     f"{summary([m['val_accuracy_before_finetune'] for m in runs])} | "
+                     f"{summary([m['test_accuracy'] for m in runs])} | "
+                     f"{statistics.mean(m['search_seconds'] for m in runs):.0f} |")
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("bench_compare", body)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
