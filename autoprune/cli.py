@@ -704,8 +704,9 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
     p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio any agent may choose")
     p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
-    p.add_argument("--val-images", type=int, default=2000, help="validation images scored per candidate")
-    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.add_argument("--val-images", type=int, default=1000,
+                   help="validation images scored per candidate (a fixed subset of the validation split)")
+    p.add_argument("--bn-batches", type=int, default=10, help="training batches (64 images) for BN recalibration")
     p.add_argument("--finetune-epochs", type=int, default=5, help="long-term fine-tune of the best policy")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     if seed:

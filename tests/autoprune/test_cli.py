@@ -352,3 +352,12 @@ def test_compare_command_writes_its_files_and_refuses_mismatched_or_unfinished_r
     code, _, err = run(capsys, "compare", str(runs[1]), str(unfinished))
     assert code == 2 and f"run {unfinished} is not finished; resume it with autoprune search --resume" in \
         one_error_line(err)
+
+
+def test_search_scores_candidates_with_the_evaluator_defaults():
+    from autoprune.cli import build_parser
+    from autoprune.evaluation import EvaluatorConfig
+
+    for command in (["search", "--budget", "50%flops"], ["sweep", "--agents", "uniform", "--budgets", "50%flops"]):
+        args = build_parser().parse_args(command)
+        assert (args.val_images, args.bn_batches) == (EvaluatorConfig().val_images, EvaluatorConfig().bn_batches)
