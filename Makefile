@@ -14,4 +14,7 @@ test: setup
 bench: setup
 	.venv/bin/python bench/bench_core.py
 	.venv/bin/python bench/bench_lut.py
+	.venv/bin/python bench/bench_eval_subset.py
 	.venv/bin/python bench/bench_amc.py
+	.venv/bin/python bench/bench_netadapt.py
+	.venv/bin/python bench/bench_compare.py

@@ -7,6 +7,9 @@ long-term fine-tune and validation accuracy before it, per agent: mean, spread
 `bench_compare` markers, with the path of the sweep's comparison table and plots.
 
     python bench/bench_compare.py --budget 50%flops --seeds 0,1,2 --finetune-epochs 1
+
+Options it does not know go to `autoprune sweep` as they are (`--model`, `--data`,
+`--episodes`, ...).
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-compare")
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args, passthrough = parser.parse_known_args()  # other `autoprune sweep` options, e.g. --model, --data
 
     code = autoprune_main(["sweep", "--agents", args.agents, "--budgets", args.budget, "--seeds", args.seeds,
-                           "--finetune-epochs", str(args.finetune_epochs), "--out", args.out, "--quiet"])
+                           "--finetune-epochs", str(args.finetune_epochs), "--out", args.out, "--quiet",
+                           *passthrough])
     results: dict[str, list[dict]] = {}
     for metrics_file in sorted(Path(args.out).glob("*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
