@@ -25,3 +25,31 @@ def trained_tiny(synthetic_data):
     model = build_model("resnet20", width_mult=0.5)
     train(model, synthetic_data, TrainConfig(epochs=3, batch_size=64, lr=0.05), progress=False)
     return model
+
+
+@pytest.fixture(scope="session")
+def formula_lut(trained_tiny):
+    """A latency table for `trained_tiny` filled from a formula (10 µs per layer + 1 ns per MAC),
+    so latency tests do not depend on how busy the machine is."""
+    from dataclasses import replace
+
+    from autoprune.costs import layer_cost
+    from autoprune.latency import LatencyTable, model_fingerprint, plan_grid
+    from autoprune.pruning import describe_network
+
+    description = describe_network(trained_tiny, (1, 28, 28))
+    entries = {}
+    for key, item in plan_grid(description, channel_step=4).items():
+        layer = item["layer"]
+        ins = item["in"] if layer.kind != "dwconv" else [0]
+
+        def ms(cin, cout, layer=layer):
+            probe = replace(layer, in_groups=(), in_fixed=cin, out_group=None, out_channels=cout)
+            return 0.01 + 1e-6 * layer_cost(probe, {}).flops
+
+        entries[key] = {"in": ins, "out": item["out"], "ms": [[ms(i, o) for o in item["out"]] for i in ins]}
+    data = {"format": "autoprune-latency-lut", "version": 1, "complete": True,
+            "model": {"name": "tiny", "fingerprint": model_fingerprint(description)},
+            "runtime": {"backend": "formula", "threads": 1, "batch": 1}, "protocol": {},
+            "call_overhead_ms": {}, "calibration": {"scale": 1.0, "offset_ms": 0.05}, "entries": entries}
+    return LatencyTable(data, "formula")

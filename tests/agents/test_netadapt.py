@@ -24,30 +24,6 @@ def evaluator(trained_tiny, synthetic_data):
     return PolicyEvaluator(trained_tiny, synthetic_data, FAST)
 
 
-@pytest.fixture(scope="module")
-def tiny_lut(trained_tiny):
-    """A latency table filled from a formula (10 µs per layer + 1 ns per MAC), independent of machine load."""
-    from autoprune.costs import layer_cost
-    from autoprune.latency import LatencyTable, model_fingerprint, plan_grid
-
-    description = describe_network(trained_tiny, SHAPE)
-    entries = {}
-    for key, item in plan_grid(description, channel_step=4).items():
-        layer = item["layer"]
-        ins = item["in"] if layer.kind != "dwconv" else [0]
-
-        def ms(cin, cout, layer=layer):
-            probe = replace(layer, in_groups=(), in_fixed=cin, out_group=None, out_channels=cout)
-            return 0.01 + 1e-6 * layer_cost(probe, {}).flops
-
-        entries[key] = {"in": ins, "out": item["out"], "ms": [[ms(i, o) for o in item["out"]] for i in ins]}
-    data = {"format": "autoprune-latency-lut", "version": 1, "complete": True,
-            "model": {"name": "tiny", "fingerprint": model_fingerprint(description)},
-            "runtime": {"backend": "formula", "threads": 1, "batch": 1}, "protocol": {},
-            "call_overhead_ms": {}, "calibration": {"scale": 1.0, "offset_ms": 0.05}, "entries": entries}
-    return LatencyTable(data, "formula")
-
-
 def new_run(tmp_path, name="run"):
     return Run.create(tmp_path / name, {"agent": "netadapt"})
 
@@ -193,11 +169,11 @@ def test_unreachable_budget_raises_before_writing_anything(evaluator, tmp_path, 
     assert run.read_history() == [] and not run.state_dir.exists() and run.read_best_policy() is None
 
 
-def test_latency_budget_through_a_formula_lut(evaluator, tiny_lut, tmp_path):
-    run, result = search(tmp_path, evaluator, "60%latency", lut=tiny_lut)
+def test_latency_budget_through_a_formula_lut(evaluator, formula_lut, tmp_path):
+    run, result = search(tmp_path, evaluator, "60%latency", lut=formula_lut)
     description = evaluator.description
-    base_ms = tiny_lut.predict_ms(description)
-    assert result["cost_ratio"] == pytest.approx(tiny_lut.predict_ms(description, result["channels"]) / base_ms)
+    base_ms = formula_lut.predict_ms(description)
+    assert result["cost_ratio"] == pytest.approx(formula_lut.predict_ms(description, result["channels"]) / base_ms)
     assert result["cost_ratio"] <= 0.6 + 1e-9
     counted = count_cost(describe_network(result["model"], SHAPE))
     assert counted == count_cost(description, result["channels"])

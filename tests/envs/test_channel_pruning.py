@@ -22,33 +22,6 @@ def evaluator(trained_tiny, synthetic_data):
     return PolicyEvaluator(trained_tiny, synthetic_data, FAST)
 
 
-@pytest.fixture(scope="module")
-def tiny_lut(trained_tiny):
-    """A latency table filled from a formula (10 µs per layer + 1 ns per MAC), so the test
-    does not depend on how busy the machine is."""
-    from dataclasses import replace
-
-    from autoprune.costs import layer_cost
-    from autoprune.latency import LatencyTable, model_fingerprint, plan_grid
-
-    description = describe_network(trained_tiny, (1, 28, 28))
-    entries = {}
-    for key, item in plan_grid(description, channel_step=4).items():
-        layer = item["layer"]
-        ins = item["in"] if layer.kind != "dwconv" else [0]
-
-        def ms(cin, cout, layer=layer):
-            probe = replace(layer, in_groups=(), in_fixed=cin, out_group=None, out_channels=cout)
-            return 0.01 + 1e-6 * layer_cost(probe, {}).flops
-
-        entries[key] = {"in": ins, "out": item["out"], "ms": [[ms(i, o) for o in item["out"]] for i in ins]}
-    data = {"format": "autoprune-latency-lut", "version": 1, "complete": True,
-            "model": {"name": "tiny", "fingerprint": model_fingerprint(description)},
-            "runtime": {"backend": "formula", "threads": 1, "batch": 1}, "protocol": {},
-            "call_overhead_ms": {}, "calibration": {"scale": 1.0, "offset_ms": 0.05}, "entries": entries}
-    return LatencyTable(data, "formula")
-
-
 def run_episode(env, actions):
     obs, _ = env.reset(seed=0)
     for t in range(len(env.groups)):
@@ -89,12 +62,12 @@ def test_every_episode_ends_inside_the_budget(evaluator, budget):
         assert (counted.flops, counted.params) == (info["flops"], info["params"])
 
 
-def test_latency_budget_is_met_through_the_lut(evaluator, tiny_lut):
-    env = ChannelPruningEnv(evaluator, parse_budget("60%latency"), lut=tiny_lut, reward="acc_latency")
+def test_latency_budget_is_met_through_the_lut(evaluator, formula_lut):
+    env = ChannelPruningEnv(evaluator, parse_budget("60%latency"), lut=formula_lut, reward="acc_latency")
     for actions in (np.ones(len(env.groups)), np.random.default_rng(1).uniform(-1, 1, len(env.groups))):
         reward, info = run_episode(env, actions)
         assert info["cost_ratio"] <= 0.6 + 1e-9
-        assert info["latency_ms"] == pytest.approx(tiny_lut.predict_ms(env.description, info["channels"]))
+        assert info["latency_ms"] == pytest.approx(formula_lut.predict_ms(env.description, info["channels"]))
         assert info["cost_ratio"] == pytest.approx(info["latency_ms"] / env.base_value)
         assert reward == pytest.approx(REWARDS["acc_latency"](env_result(info)))
 
