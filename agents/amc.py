@@ -1,40 +1,28 @@
 """The AMC search as a resumable run: DDPG on the pruning environment, one row per episode.
 
 After every episode the history, the best policy so far and the agent's full state
-(networks, optimisers, replay buffer, noise, episode count) are written atomically
-into the run directory, so a killed search continues from its last finished episode.
+(networks, optimisers, replay buffer, noise, counters, random generators) are written
+atomically into the run directory, so a killed search continues from its last finished
+episode and ends exactly as it would have without the interruption.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from agents.ddpg import AMCConfig, AMCDDPG, EpisodeTracker, make_agent
-from autoprune.io import atomic_write_json
+from agents.ddpg import AMCDDPG, AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
+from autoprune.io import atomic_torch_save
 from autoprune.runs import Run
 
-AGENT_FILE = "ddpg.zip"
-BUFFER_FILE = "replay_buffer.pkl"
-TRACKER_FILE = "tracker.json"
+STATE_FILE = "ddpg_state.pt"
 
 
 def _save_state(run: Run, agent: AMCDDPG, tracker: EpisodeTracker) -> None:
-    state = run.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    for name, save in ((AGENT_FILE, agent.save), (BUFFER_FILE, agent.save_replay_buffer)):
-        tmp = state / f".{name}.tmp"
-        save(str(tmp))
-        produced = tmp if tmp.exists() else Path(str(tmp) + (".zip" if name.endswith(".zip") else ".pkl"))
-        os.replace(produced, state / name)
-    atomic_write_json(state / TRACKER_FILE, {"episode": tracker.episode, "best": tracker.best,
-                                             "noise_sigma": tracker.noise.sigma,
-                                             "noise_rng": tracker.noise.rng.bit_generator.state,
-                                             "buffer_baseline": agent.replay_buffer.baseline})
+    run.state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(agent_state(agent, tracker), run.state_dir / STATE_FILE)
 
 
 def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = True) -> dict:
@@ -44,16 +32,10 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     state = run.state_dir
     agent, noise = make_agent(env, config, seed)
     tracker = EpisodeTracker(noise, config.warmup_episodes)
-    if (state / TRACKER_FILE).is_file() and (state / AGENT_FILE).is_file():
-        saved = json.loads((state / TRACKER_FILE).read_text())
-        agent = AMCDDPG.load(str(state / AGENT_FILE), env=env, device="cpu")
-        agent.load_replay_buffer(str(state / BUFFER_FILE))
-        agent.replay_buffer.baseline = saved["buffer_baseline"]
-        agent.action_noise = noise
-        noise.sigma = saved["noise_sigma"]
-        noise.rng.bit_generator.state = saved["noise_rng"]
-        tracker.episode, tracker.best = saved["episode"], saved["best"]
-        history = history[:tracker.episode]  # rows written after the last saved state are redone
+    if (state / STATE_FILE).is_file():
+        restore_agent_state(agent, tracker, torch.load(state / STATE_FILE, map_location="cpu", weights_only=False))
+    # rows written after the last saved state (or before the first) are redone
+    history = history[:tracker.episode]
     remaining = config.episodes - tracker.episode
     bar = tqdm(total=config.episodes, initial=tracker.episode, desc="AMC search", unit="episode",
                disable=not progress)

@@ -21,11 +21,13 @@ Here that is SB3's `DDPG` with:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
@@ -160,7 +162,12 @@ class EpisodeTracker(BaseCallback):
     """Decays the noise after warm-up, records every episode and the best policy seen.
 
     `on_episode(record)` is called with a JSON-safe dict per finished episode, and
-    `on_best(record)` whenever the best reward improves.
+    `on_best(record)` whenever the best reward improves. Both run at the end of the
+    rollout (one episode, with `train_freq=(1, "episode")`): SB3 stores a step's
+    transition after the step callback, so only then is the episode in the replay buffer
+    and a state saved from `on_episode` complete. The episode's gradient steps follow the
+    rollout; a search resumed from such a state owes them (`pending_updates`) and takes
+    them before its first action.
     """
 
     def __init__(self, noise: TruncatedNormalNoise, warmup_episodes: int,
@@ -171,11 +178,26 @@ class EpisodeTracker(BaseCallback):
         self.on_episode, self.on_best = on_episode, on_best
         self.episode = 0
         self.best: dict | None = None
+        self.rollout_steps = 0  # environment steps since the last rollout ended
+        self.pending_updates = 0  # gradient steps a resumed search owes its last episode
+        self._finished: list[dict] = []
+
+    def _on_training_start(self) -> None:
+        if self.pending_updates:
+            self.model.train(gradient_steps=self.pending_updates, batch_size=self.model.batch_size)
+            self.pending_updates = 0
+
+    def _on_rollout_start(self) -> None:
+        self.rollout_steps = 0
 
     def _on_step(self) -> bool:
-        for done, info in zip(self.locals["dones"], self.locals["infos"]):
-            if not done:
-                continue
+        self.rollout_steps += 1
+        self._finished += [info for done, info in zip(self.locals["dones"], self.locals["infos"]) if done]
+        return True
+
+    def _on_rollout_end(self) -> None:
+        finished, self._finished = self._finished, []
+        for info in finished:
             self.episode += 1
             record = {"episode": self.episode, "reward": info["reward"], "accuracy": info["accuracy"],
                       "cost_ratio": info["cost_ratio"], "flops": info["flops"], "params": info["params"],
@@ -190,7 +212,6 @@ class EpisodeTracker(BaseCallback):
                     self.on_best(record)
             if self.on_episode is not None:
                 self.on_episode(record)
-        return True
 
 
 def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, TruncatedNormalNoise]:
@@ -206,6 +227,60 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
         policy_kwargs={"net_arch": {"pi": list(config.hidden), "qf": list(config.hidden)}},
         seed=seed, device="cpu", verbose=0)
     return agent, noise
+
+
+BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def agent_state(agent: AMCDDPG, tracker: EpisodeTracker) -> dict:
+    """Everything a search needs to continue exactly where it stopped, at a rollout's end.
+
+    One dictionary of tensors, arrays and numbers for a single `torch.save`: networks,
+    optimisers, the filled part of the replay buffer and its baseline, the noise, the
+    step counters, the tracker and every random generator the search draws from (SB3
+    samples batches with NumPy's global generator and warm-up actions with the action
+    space's). About half the cost of SB3's zip archive plus a pickled buffer.
+    """
+    buffer = agent.replay_buffer
+    filled = buffer.buffer_size if buffer.full else buffer.pos
+    return {
+        "policy": agent.policy.state_dict(),
+        "actor_optimizer": agent.actor.optimizer.state_dict(),
+        "critic_optimizer": agent.critic.optimizer.state_dict(),
+        "counters": {"num_timesteps": agent.num_timesteps, "n_updates": agent._n_updates,
+                     "episode_num": agent._episode_num},
+        "buffer": {name: getattr(buffer, name)[:filled].copy() for name in BUFFER_FIELDS}
+        | {"pos": buffer.pos, "full": buffer.full, "baseline": buffer.baseline},
+        "noise": {"sigma": tracker.noise.sigma, "rng": tracker.noise.rng.bit_generator.state},
+        "tracker": {"episode": tracker.episode, "best": tracker.best,
+                    # SB3 trains on the episode right after this rollout, once past the warm-up
+                    "pending_updates": tracker.rollout_steps if agent.num_timesteps > agent.learning_starts else 0},
+        "rng": {"numpy": np.random.get_state(), "python": random.getstate(), "torch": torch.get_rng_state(),
+                "action_space": agent.action_space.np_random.bit_generator.state},
+    }
+
+
+def restore_agent_state(agent: AMCDDPG, tracker: EpisodeTracker, state: dict) -> None:
+    """Put a freshly made agent and tracker back into the state `agent_state` captured."""
+    agent.policy.load_state_dict(state["policy"])
+    agent.actor.optimizer.load_state_dict(state["actor_optimizer"])
+    agent.critic.optimizer.load_state_dict(state["critic_optimizer"])
+    counters = state["counters"]
+    agent.num_timesteps, agent._n_updates = counters["num_timesteps"], counters["n_updates"]
+    agent._episode_num = counters["episode_num"]
+    buffer, saved = agent.replay_buffer, state["buffer"]
+    for name in BUFFER_FIELDS:
+        getattr(buffer, name)[:len(saved[name])] = saved[name]
+    buffer.pos, buffer.full, buffer.baseline = saved["pos"], saved["full"], saved["baseline"]
+    tracker.noise.sigma = state["noise"]["sigma"]
+    tracker.noise.rng.bit_generator.state = state["noise"]["rng"]
+    tracker.episode, tracker.best = state["tracker"]["episode"], state["tracker"]["best"]
+    tracker.pending_updates = state["tracker"]["pending_updates"]
+    rng = state["rng"]
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    agent.action_space.np_random.bit_generator.state = rng["action_space"]
 
 
 def search_policy(env, config: AMCConfig, seed: int = 0, on_episode=None, on_best=None) -> dict:

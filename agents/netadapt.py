@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "netadapt.json"
 MODEL_FILE = "netadapt_model.pt"
 HISTORY_COLUMNS = ("iteration", "target", "target_ratio", "group", "channels_before", "channels_after",
-                   "accuracy", "flops_ratio", "params_ratio", "latency_ratio", "cost_ratio", "proposals", "seconds")
+                   "accuracy", "flops_ratio", "params_ratio", "latency_ratio", "cost_ratio", "measured_ratio",
+                   "proposals", "seconds")
 _TOLERANCE = 1e-9  # relative slack when comparing a value with a target or limit (as BudgetCheck.ok)
 
 
@@ -74,6 +75,9 @@ class NetAdaptConfig:
     criterion: str = "l2"  # channel selection inside a group (the paper keeps the largest-L2 filters)
     workers: int = 1  # processes scoring proposals; 1 scores them in this process
     lower_bound: float = 0.0  # smallest keep ratio of a group, relative to the base (0: one channel multiple)
+    # latency budgets: also time the current network on this machine and stop on the measured latency
+    # ("auto": when the LUT was measured on this CPU; "on": insist; "off": the LUT alone)
+    measure_latency: str = "auto"
 
 
 # ---------------------------------------------------------------- one proposal
@@ -229,6 +233,8 @@ def _check_config(config: NetAdaptConfig) -> None:
         raise AutopruneError(f"lower_bound must be in [0, 1], got {config.lower_bound}")
     if config.short_term_steps < 0 or config.short_term_batch_size < 1 or config.short_term_lr < 0:
         raise AutopruneError("short_term_steps must be >= 0, short_term_batch_size >= 1 and short_term_lr >= 0")
+    if config.measure_latency not in ("auto", "on", "off"):
+        raise AutopruneError(f"measure_latency must be auto, on or off, got {config.measure_latency!r}")
     if config.max_iterations < 1 or config.max_halvings < 0 or config.workers < 1:
         raise AutopruneError("max_iterations and workers must be at least 1, max_halvings at least 0")
 
@@ -293,18 +299,19 @@ class _Search:
                 found.append((group, *hit))
         return found
 
-    def next_target(self, kept: Mapping[str, int], value: float, iteration: int
+    def next_target(self, kept: Mapping[str, int], value: float, iteration: int, limit: float | None = None
                     ) -> tuple[float, float, list[tuple[str, int, float]]] | None:
         """(target, step, proposals) of an iteration; None when no group can absorb even the
         step halved `max_halvings` times.
 
         The step follows the schedule; when no group can meet the target alone it is halved
         and the target recomputed, a bounded number of times. The target never goes below
-        the budget's limit, so the last iteration lands on the budget.
+        `limit` (default: the budget's), so the last iteration lands on the budget.
         """
+        limit = self.limit if limit is None else limit
         step = reduction_step(self.config, self.base_value, iteration)
         for halvings in range(self.config.max_halvings + 1):
-            target = max(value - step, self.limit)
+            target = max(value - step, limit)
             found = self.proposals(kept, target)
             if found:
                 if halvings:
@@ -320,6 +327,41 @@ class _Search:
         return json.loads(json.dumps({"budget": str(self.budget), "metric": self.budget.metric, "limit": self.limit,
                                       "base_value": self.base_value, "base_channels": self.base_channels,
                                       "seed": seed, "netadapt": settings, "evaluator": asdict(evaluator.config)}))
+
+
+LatencyMeter = Callable[[nn.Module], float]
+
+
+def latency_meter(budget: Budget, lut, config: NetAdaptConfig, input_shape: tuple[int, int, int]
+                  ) -> LatencyMeter | None:
+    """A function timing a whole network on this machine with the LUT's runtime settings
+    (milliseconds), when the search should check its latency budget by measurement.
+
+    A LUT adds up layers timed alone; the network as a whole runs faster or slower than
+    that sum, more so the further it is pruned (fixed per-layer costs weigh more in a
+    small network). Timing the current network after each iteration and stopping on the
+    measured latency lands on the budget the user means. Only possible on the LUT's own
+    device: with `measure_latency="auto"` a LUT from another CPU falls back to the table
+    alone; with `"on"` that is an error.
+    """
+    from autoprune.latency import cpu_model
+    from autoprune.report import measure_latency
+
+    if budget.metric != "latency" or lut is None or config.measure_latency == "off":
+        return None
+    lut_cpu = (lut.data.get("device") or {}).get("cpu")
+    if lut_cpu != cpu_model():
+        if config.measure_latency == "on":
+            raise AutopruneError(f"cannot measure latency against LUT {lut.path}: it was measured on "
+                                 f"{lut_cpu or 'an unknown device'}, this machine is {cpu_model()}; "
+                                 "use measure_latency auto or off here, or build a LUT on this machine")
+        log.info("LUT from %s, this machine is %s: NetAdapt follows the LUT alone", lut_cpu, cpu_model())
+        return None
+
+    def meter(model: nn.Module) -> float:
+        return float(measure_latency([model.eval()], input_shape, lut)["ms"][0])
+
+    return meter
 
 
 def _settings(evaluator: PolicyEvaluator, config: NetAdaptConfig) -> ProposalSettings:
@@ -389,7 +431,7 @@ def _estimated_iterations(config: NetAdaptConfig, base_value: float, limit: floa
 
 def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=None,
                  config: NetAdaptConfig | None = None, seed: int = 0, progress: bool = True,
-                 executor: ProposalExecutor | None = None) -> dict:
+                 executor: ProposalExecutor | None = None, meter: LatencyMeter | None = None) -> dict:
     """Search with NetAdapt until `budget` is met, continuing a killed search from `run.state_dir`.
 
     Returns the final network (pruned and short-term fine-tuned, ready for the long-term
@@ -398,6 +440,13 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
     proposals scored over the whole search and the time this call spent scoring them, by
     phase (summed over workers). `executor` overrides `config.workers` with any object
     that has an `Executor.map`-like method.
+
+    Latency budgets are checked by timing the network when `latency_meter` says so (or
+    with `meter`, any function of a network giving milliseconds): the budget becomes a
+    share of the unpruned network's measured latency, every iteration ends by timing the
+    new network, the search stops once that meets the budget, and each target is capped
+    in LUT terms at the budget rescaled by the current network's measured-to-predicted
+    ratio. Such a search depends on the timings, so it is not repeatable to the channel.
 
     Results do not depend on the executor, only on the seed and the torch thread count of
     the process scoring each proposal (float sums are split differently across threads):
@@ -418,16 +467,23 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
             f"{budget.metric}; loosen the budget or lower the lower bound")
 
     fingerprint = search.fingerprint(evaluator, seed)
+    if meter is None:
+        meter = latency_meter(budget, lut, config, tuple(evaluator.data.input_shape))
     state = _load_state(run, fingerprint)
     if state is not None:
         model = torch.load(run.state_dir / MODEL_FILE, map_location="cpu", weights_only=False)
         kept = {name: int(state["kept"][name]) for name in search.groups}
         iteration, accuracy = int(state["iteration"]), state["accuracy"]
         history = run.read_history()[:int(state["rows"])]
+        measured_base, measured = state.get("measured_base_ms"), state.get("measured_ms")
         log.info("resuming NetAdapt after iteration %d", iteration)
     else:
         model = copy.deepcopy(evaluator.pruner.model)
         kept, iteration, accuracy, history = dict(search.base_channels), 0, None, []
+        measured_base = measured = None
+    if meter is not None and measured_base is None:
+        measured_base = measured = meter(model)
+    measured_limit = budget.limit(measured_base) if meter is not None else None
 
     settings = _settings(evaluator, config)
     value = search.value(kept)
@@ -441,14 +497,16 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
         executor = own_pool or InlineExecutor()
     try:
         while True:
-            if _fits(value, search.limit):
+            if _fits(value, search.limit) if meter is None else _fits(measured, measured_limit):
                 stop_reason = "budget met"
                 break
             if iteration >= config.max_iterations:
                 stop_reason = f"max_iterations ({config.max_iterations}) reached"
                 break
             started = time.perf_counter()
-            planned = search.next_target(kept, value, iteration)
+            # measuring: the LUT value that corresponds to the budget, by the current network's ratio
+            limit = None if meter is None else measured_limit * value / measured
+            planned = search.next_target(kept, value, iteration, limit)
             if planned is None:
                 stop_reason = f"no group can absorb a reduction even after halving the step {config.max_halvings} times"
                 break
@@ -466,31 +524,38 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
             kept[best.group] = best.channels_after
             value, accuracy = search.value(kept), best.accuracy
             iteration += 1
+            if meter is not None:
+                measured = meter(model)
 
             history.append({"iteration": iteration, "target": target, "target_ratio": target / search.base_value,
                             "group": best.group, "channels_before": before, "channels_after": best.channels_after,
                             "accuracy": accuracy, **search.ratios(kept), "cost_ratio": value / search.base_value,
+                            "measured_ratio": "" if meter is None else measured / measured_base,
                             "proposals": len(results), "seconds": round(time.perf_counter() - started, 3)})
             run.write_history(history)
             policy = search.policy(kept)
             run.write_best_policy(policy, iteration=iteration, accuracy=accuracy,
                                   cost_ratio=value / search.base_value, channels=dict(kept))
             _save_state(run, model, {"iteration": iteration, "kept": kept, "step": step, "accuracy": accuracy,
-                                     "rows": len(history), "fingerprint": fingerprint})
+                                     "rows": len(history), "measured_base_ms": measured_base,
+                                     "measured_ms": measured, "fingerprint": fingerprint})
             log.info("iteration %d: %s %d -> %d channels, accuracy %.4f, %s at %.1f%% of base", iteration,
                      best.group, before, best.channels_after, accuracy, budget.metric,
                      100 * value / search.base_value)
             bar.update(1)
             bar.set_postfix(target=f"{target / search.base_value:.3f}", cost=f"{value / search.base_value:.3f}",
-                            acc=f"{accuracy:.4f}")
+                            acc=f"{accuracy:.4f}", **({} if meter is None else
+                                                     {"measured": f"{measured / measured_base:.3f}"}))
     finally:
         bar.close()
         if own_pool is not None:
             own_pool.shutdown(cancel_futures=True)
 
     if stop_reason != "budget met":
+        reached = value / search.base_value if meter is None else measured / measured_base
         raise AutopruneError(
-            f"NetAdapt stopped at {value / search.base_value:.1%} of the base {budget.metric}, above the budget "
+            f"NetAdapt stopped at {reached:.1%} of the base {budget.metric}"
+            f"{'' if meter is None else ' (measured)'}, above the budget "
             f"{budget}: {stop_reason}; raise max_iterations or initial_reduction, lower the lower bound, "
             "or loosen the budget")
     if accuracy is None:  # the base model already meets the budget
@@ -505,4 +570,5 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
     return {"policy": policy, "channels": dict(kept), "accuracy": accuracy,
             "cost_ratio": value / search.base_value, "model": model, "iterations": iteration,
             "stop_reason": stop_reason, "proposals": sum(int(row["proposals"]) for row in history),
+            "measured_base_ms": measured_base, "measured_ms": measured,
             "proposal_seconds": {phase: round(spent, 3) for phase, spent in seconds.items()}}

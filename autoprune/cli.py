@@ -310,8 +310,9 @@ AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity")
 SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
                "reward", "criterion", "lut", "lower_bound", "channel_multiple", "val_images", "bn_batches",
                "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
-               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations")
-NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations")
+               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency")
+NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
+                  "measure_latency")
 AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward"), "random": ("samples",),
               "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only one agent reads
 
@@ -728,6 +729,9 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
                           help="resource cut of the first iteration, as a fraction of the unpruned model's")
     netadapt.add_argument("--reduction-decay", type=float, default=None, help="factor on the cut per iteration")
     netadapt.add_argument("--max-iterations", type=int, default=None, help="stop after this many iterations")
+    netadapt.add_argument("--measure-latency", choices=("auto", "on", "off"), default=None,
+                          help="latency budgets: time the network on this machine after every iteration and stop "
+                               "on the measured latency (auto: when the LUT was measured on this CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,6 +183,35 @@ def test_latency_budget_through_a_formula_lut(evaluator, formula_lut, tmp_path):
         run_netadapt(new_run(tmp_path, "no-lut"), evaluator, parse_budget("60%latency"), config=SMALL, progress=False)
 
 
+def device_ms(evaluator):
+    """A stand-in for timing on a device whose latency falls faster than MACs (pruned
+    networks run faster than their LUT sum says, as small real ones do)."""
+    base = count_cost(evaluator.description).flops
+    return lambda model: 10.0 * (count_cost(describe_network(model, SHAPE)).flops / base) ** 1.5
+
+
+def test_measured_latency_decides_when_the_budget_is_met(evaluator, formula_lut, tmp_path):
+    meter = device_ms(evaluator)
+    run, result = search(tmp_path, evaluator, "60%latency", lut=formula_lut, meter=meter)
+    base_ms = meter(evaluator.pruner.model)
+    assert result["measured_base_ms"] == pytest.approx(base_ms) and result["stop_reason"] == "budget met"
+    ratio = meter(result["model"]) / base_ms
+    assert result["measured_ms"] == pytest.approx(meter(result["model"])) and ratio <= 0.6 + 1e-9
+    # the search stopped on the measurement, where the LUT alone would have gone on
+    assert result["cost_ratio"] > 0.65
+    rows = run.read_history()
+    assert len(rows) == result["iterations"] and float(rows[-1]["measured_ratio"]) == pytest.approx(ratio)
+    assert all(float(r["measured_ratio"]) > 0.6 for r in rows[:-1])
+
+
+def test_measuring_against_a_lut_from_another_device_is_refused(evaluator, formula_lut, tmp_path):
+    run = new_run(tmp_path)
+    with pytest.raises(AutopruneError, match="cannot measure latency against LUT"):
+        run_netadapt(run, evaluator, parse_budget("60%latency"), lut=formula_lut,
+                     config=replace(SMALL, measure_latency="on"), progress=False)
+    assert run.read_history() == [] and not run.state_dir.exists()
+
+
 def test_base_model_inside_the_budget_needs_no_iteration(evaluator, tmp_path):
     run, result = search(tmp_path, evaluator, "100%flops")
     assert result["iterations"] == 0 and result["stop_reason"] == "budget met"
