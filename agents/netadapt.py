@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from autoprune.budgets import Budget, resource_value
+from autoprune.budgets import Budget, check_reachable, resource_value
 from autoprune.costs import channels_to_keep, count_cost
 from autoprune.data import DataBundle
 from autoprune.errors import AutopruneError
@@ -459,12 +459,7 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
     config = config or NetAdaptConfig()
     _check_config(config)
     search = _Search(evaluator, budget, lut, config)
-    floor_value = search.value(search.floors)
-    if not _fits(floor_value, search.limit):
-        raise AutopruneError(
-            f"budget {budget} is unreachable: even with every group at its smallest size (lower bound "
-            f"{config.lower_bound:g}) the network keeps {floor_value / search.base_value:.1%} of its "
-            f"{budget.metric}; loosen the budget or lower the lower bound")
+    check_reachable(budget, search.description, search.floors, lut, config.lower_bound)
 
     fingerprint = search.fingerprint(evaluator, seed)
     if meter is None:

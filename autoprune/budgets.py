@@ -8,6 +8,7 @@ absolute ones are written with a unit: `20MFLOPs`, `150kparams`, `3.5ms`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from autoprune.errors import AutopruneError
@@ -110,6 +111,19 @@ def resource_value(metric: str, description, kept, lut=None) -> float:
         return lut.predict_ms(description, kept)
     cost = count_cost(description, kept)
     return float(cost.flops if metric == "flops" else cost.params)
+
+
+def check_reachable(budget: Budget, description, floor: Mapping[str, int], lut=None,
+                    lower_bound: float | None = None) -> None:
+    """Refuse a budget that no policy keeping at least `floor` channels per group can meet."""
+    full = {g.name: g.channels for g in description.groups}
+    base = resource_value(budget.metric, description, full, lut)
+    value = resource_value(budget.metric, description, floor, lut)
+    if value > budget.limit(base) * (1 + 1e-9):
+        where = "its smallest size" if lower_bound is None else f"the lower bound {lower_bound:g}"
+        raise AutopruneError(
+            f"budget {budget} is unreachable: even with every group at {where} the model keeps "
+            f"{100 * value / base:.1f} % of its {budget.metric}; lower --lower-bound or loosen the budget")
 
 
 def check_budget(budget: Budget, description, policy, lut=None, multiple: int = 1) -> BudgetCheck:

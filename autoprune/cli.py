@@ -369,19 +369,6 @@ def _floor_channels(agent: str, description, lower_bound: float, multiple: int) 
     return policy_channels(description, uniform_policy(description, lower_bound), multiple)
 
 
-def _check_reachable(budget, description, lut, floor: dict[str, int], lower_bound: float) -> None:
-    """Refuse a budget that no policy with every group at or above its floor can meet."""
-    from autoprune.budgets import resource_value
-
-    full = {g.name: g.channels for g in description.groups}
-    base = resource_value(budget.metric, description, full, lut)
-    value = resource_value(budget.metric, description, floor, lut)
-    if value > budget.limit(base) * (1 + 1e-9):
-        raise AutopruneError(
-            f"budget {budget} is unreachable: even with every group at the lower bound {lower_bound:g} the model "
-            f"keeps {100 * value / base:.1f} % of its {budget.metric}; lower --lower-bound or loosen the budget")
-
-
 NETADAPT_RESUME_OVERRIDES = ("workers", "max_iterations")  # what a resumed NetAdapt search may change
 
 
@@ -467,6 +454,7 @@ def run_search(args, loaded=None):
     can refuse the settings runs before the run directory is created. `loaded` is an
     already loaded (model, meta, data) for these settings, which a sweep shares.
     """
+    from autoprune.budgets import check_reachable
     from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
     from autoprune.report import finish_run
     from autoprune.runs import Run, new_run_dir
@@ -505,9 +493,8 @@ def run_search(args, loaded=None):
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
     if table is not None:
         table.check_model(description)
-    _check_reachable(budget, description, table,
-                     _floor_channels(args.agent, description, args.lower_bound, args.channel_multiple),
-                     args.lower_bound)
+    check_reachable(budget, description, _floor_channels(args.agent, description, args.lower_bound,
+                                                         args.channel_multiple), table, args.lower_bound)
     search, agent_config = _make_searcher(args, evaluator, budget, table,
                                           run.config.get("agent_config") if run is not None else None)
     if run is not None and agent_config is not None and agent_config != run.config.get("agent_config"):
@@ -626,7 +613,7 @@ def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
 
 
 def cmd_sweep(args) -> int:
-    from autoprune.budgets import parse_budget
+    from autoprune.budgets import check_reachable, parse_budget
     from autoprune.compare import load_runs, write_comparison
     from autoprune.pruning import describe_network
     from autoprune.runs import CONFIG, METRICS
@@ -655,7 +642,7 @@ def cmd_sweep(args) -> int:
     for ns in plan:
         floor = _floor_channels(ns.agent, description, args.lower_bound, args.channel_multiple)
         try:
-            _check_reachable(parse_budget(ns.budget), description, table, floor, args.lower_bound)
+            check_reachable(parse_budget(ns.budget), description, floor, table, args.lower_bound)
         except AutopruneError:
             unreachable.append(ns.budget)
     unreachable = list(dict.fromkeys(unreachable))

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from autoprune.budgets import Budget, resource_value
+from autoprune.budgets import Budget, check_reachable, resource_value
 from autoprune.costs import channels_to_keep, count_cost, group_costs
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
@@ -112,12 +112,8 @@ class ChannelPruningEnv(gym.Env):
         self._full = {g.name: g.channels for g in self.groups}
         self.base_value = self._value(self._full)
         self.limit = budget.limit(self.base_value)
-        floor_value = self._value({g.name: c for g, c in zip(self.groups, self._floor)})
-        if floor_value > self.limit:
-            raise AutopruneError(
-                f"budget {budget} is unreachable: even with every group at the lower bound {lower_bound:g} the model "
-                f"keeps {100 * floor_value / self.base_value:.1f} % of its {budget.metric}; lower --lower-bound or "
-                "loosen the budget")
+        check_reachable(budget, self.description, {g.name: c for g, c in zip(self.groups, self._floor)}, lut,
+                        lower_bound)
         self._static = self._static_features()
         self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
