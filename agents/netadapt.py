@@ -329,13 +329,15 @@ class _Search:
                                       "seed": seed, "netadapt": settings, "evaluator": asdict(evaluator.config)}))
 
 
-LatencyMeter = Callable[[nn.Module], float]
+LatencyMeter = Callable[[list[nn.Module]], list[float]]
 
 
 def latency_meter(budget: Budget, lut, config: NetAdaptConfig, input_shape: tuple[int, int, int]
                   ) -> LatencyMeter | None:
-    """A function timing a whole network on this machine with the LUT's runtime settings
-    (milliseconds), when the search should check its latency budget by measurement.
+    """A function timing whole networks on this machine with the LUT's runtime settings
+    (milliseconds, one per network), when the search should check its latency budget by
+    measurement. Networks timed in one call share the machine's state: their passes are
+    interleaved, so a busy spell slows all of them rather than one.
 
     A LUT adds up layers timed alone; the network as a whole runs faster or slower than
     that sum, more so the further it is pruned (fixed per-layer costs weigh more in a
@@ -358,8 +360,8 @@ def latency_meter(budget: Budget, lut, config: NetAdaptConfig, input_shape: tupl
         log.info("LUT from %s, this machine is %s: NetAdapt follows the LUT alone", lut_cpu, cpu_model())
         return None
 
-    def meter(model: nn.Module) -> float:
-        return float(measure_latency([model.eval()], input_shape, lut)["ms"][0])
+    def meter(models: list[nn.Module]) -> list[float]:
+        return [float(ms) for ms in measure_latency([m.eval() for m in models], input_shape, lut)["ms"]]
 
     return meter
 
@@ -441,12 +443,13 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
     phase (summed over workers). `executor` overrides `config.workers` with any object
     that has an `Executor.map`-like method.
 
-    Latency budgets are checked by timing the network when `latency_meter` says so (or
-    with `meter`, any function of a network giving milliseconds): the budget becomes a
-    share of the unpruned network's measured latency, every iteration ends by timing the
-    new network, the search stops once that meets the budget, and each target is capped
-    in LUT terms at the budget rescaled by the current network's measured-to-predicted
-    ratio. Such a search depends on the timings, so it is not repeatable to the channel.
+    Latency budgets are checked by timing when `latency_meter` says so (or with `meter`,
+    any function of a list of networks giving their milliseconds): the search starts and
+    every iteration ends by timing the current network together with the unpruned one,
+    stops once the current one meets the budget (a share of the unpruned network's
+    latency timed alongside, or the absolute milliseconds), and caps each target, in LUT
+    terms, at the budget rescaled by the current network's measured-to-predicted ratio.
+    Such a search depends on the timings, so it is not repeatable to the channel.
 
     Results do not depend on the executor, only on the seed and the torch thread count of
     the process scoring each proposal (float sums are split differently across threads):
@@ -476,9 +479,9 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
         model = copy.deepcopy(evaluator.pruner.model)
         kept, iteration, accuracy, history = dict(search.base_channels), 0, None, []
         measured_base = measured = None
+    base_model = evaluator.pruner.model
     if meter is not None and measured_base is None:
-        measured_base = measured = meter(model)
-    measured_limit = budget.limit(measured_base) if meter is not None else None
+        measured_base, measured = meter([base_model, model])
 
     settings = _settings(evaluator, config)
     value = search.value(kept)
@@ -492,7 +495,7 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
         executor = own_pool or InlineExecutor()
     try:
         while True:
-            if _fits(value, search.limit) if meter is None else _fits(measured, measured_limit):
+            if _fits(value, search.limit) if meter is None else _fits(measured, budget.limit(measured_base)):
                 stop_reason = "budget met"
                 break
             if iteration >= config.max_iterations:
@@ -500,7 +503,7 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
                 break
             started = time.perf_counter()
             # measuring: the LUT value that corresponds to the budget, by the current network's ratio
-            limit = None if meter is None else measured_limit * value / measured
+            limit = None if meter is None else budget.limit(measured_base) * value / measured
             planned = search.next_target(kept, value, iteration, limit)
             if planned is None:
                 stop_reason = f"no group can absorb a reduction even after halving the step {config.max_halvings} times"
@@ -520,7 +523,7 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
             value, accuracy = search.value(kept), best.accuracy
             iteration += 1
             if meter is not None:
-                measured = meter(model)
+                measured_base, measured = meter([base_model, model])
 
             history.append({"iteration": iteration, "target": target, "target_ratio": target / search.base_value,
                             "group": best.group, "channels_before": before, "channels_after": best.channels_after,

@@ -190,9 +190,14 @@ def device_ms(evaluator):
     return lambda model: 10.0 * (count_cost(describe_network(model, SHAPE)).flops / base) ** 1.5
 
 
+def device_meter(evaluator):
+    one = device_ms(evaluator)
+    return lambda models: [one(m) for m in models]
+
+
 def test_measured_latency_decides_when_the_budget_is_met(evaluator, formula_lut, tmp_path):
     meter = device_ms(evaluator)
-    run, result = search(tmp_path, evaluator, "60%latency", lut=formula_lut, meter=meter)
+    run, result = search(tmp_path, evaluator, "60%latency", lut=formula_lut, meter=device_meter(evaluator))
     base_ms = meter(evaluator.pruner.model)
     assert result["measured_base_ms"] == pytest.approx(base_ms) and result["stop_reason"] == "budget met"
     ratio = meter(result["model"]) / base_ms
