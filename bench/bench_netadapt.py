@@ -47,7 +47,11 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-netadapt")
     parser.add_argument("--rows", default=str(ROOT / "bench" / "results" / "netadapt_rows.jsonl"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from the rows file")
     args = parser.parse_args()
+    rows_file = Path(args.rows)
+    if args.report:
+        return report(rows_file, Path(args.lut), args.no_write)
 
     run_dir = Path(args.out) / f"netadapt-{args.budget.replace('%', 'p')}-s{args.seed}-measure-{args.measure_latency}"
     argv = ["search", "--agent", "netadapt", "--budget", args.budget, "--lut", args.lut, "--workers",
@@ -80,15 +84,19 @@ def main() -> int:
            "base_ms": base_ms, "pruned_ms": pruned_ms, "ratio": ratio, "off_budget": (ratio - fraction) / fraction,
            "flops_ratio": metrics["flops_ratio"], "val_before_ft": metrics["val_accuracy_before_finetune"],
            "test_after_ft": metrics["test_accuracy"], "finetune_epochs": args.finetune_epochs}
-    rows_file = Path(args.rows)
     rows_file.parent.mkdir(parents=True, exist_ok=True)
     with open(rows_file, "a") as fh:
         fh.write(json.dumps(row) + "\n")
+    return report(rows_file, Path(args.lut), args.no_write)
+
+
+def report(rows_file: Path, lut: Path, no_write: bool) -> int:
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    runtime = load_lut(lut).runtime
     lines = [
         "## NetAdapt to a latency budget",
         "",
-        f"On the default model with the shipped torch LUT (`{Path(args.lut).name}`): "
+        f"On the default model with the shipped torch LUT (`{lut.name}`): "
         "`autoprune search --agent netadapt --budget B --lut LUT --measure-latency M`, then the unpruned and the "
         f"searched network timed whole (torch eager, {runtime['threads']} thread, batch {runtime['batch']}, the "
         "process pinned to one CPU, minimum over the passes of the median of 200 calls). *measured in search*: "
@@ -109,11 +117,11 @@ def main() -> int:
     lines += [
         "",
         "*off the budget*: (measured ratio − budget) / budget. Search time includes the short-term fine-tunes "
-        "(and, when measuring, the timing after each iteration); the long-term fine-tune (1 epoch) is not part of it.",
+        "(and, when measuring, the timing after each iteration); the long-term fine-tune (`--finetune-epochs`, 1 by default) is not part of it.",
     ]
     body = "\n".join(lines)
     print(body)
-    if not args.no_write:
+    if not no_write:
         write_section("bench_netadapt", body)
     return 0
 
