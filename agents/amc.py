@@ -14,10 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.ddpg import AMCDDPG, AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
+from autoprune.errors import AutopruneError
 from autoprune.io import atomic_torch_save
 from autoprune.runs import Run
 
 STATE_FILE = "ddpg_state.pt"
+OLD_STATE_FILE = "ddpg.zip"  # SB3 archive of earlier versions, without the random generators
 
 
 def _save_state(run: Run, agent: AMCDDPG, tracker: EpisodeTracker) -> None:
@@ -32,6 +34,9 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     state = run.state_dir
     agent, noise = make_agent(env, config, seed)
     tracker = EpisodeTracker(noise, config.warmup_episodes)
+    if (state / OLD_STATE_FILE).is_file() and not (state / STATE_FILE).is_file():
+        raise AutopruneError(f"{run.path} was written by an earlier autoprune whose AMC state cannot be resumed "
+                             "exactly; start a new search")
     if (state / STATE_FILE).is_file():
         restore_agent_state(agent, tracker, torch.load(state / STATE_FILE, map_location="cpu", weights_only=False))
     # rows written after the last saved state (or before the first) are redone
