@@ -76,8 +76,9 @@ class NetAdaptConfig:
     workers: int = 1  # processes scoring proposals; 1 scores them in this process
     lower_bound: float = 0.0  # smallest keep ratio of a group, relative to the base (0: one channel multiple)
     # latency budgets: also time the current network on this machine and stop on the measured latency
-    # ("auto": when the LUT was measured on this CPU; "on": insist; "off": the LUT alone)
-    measure_latency: str = "auto"
+    # ("on", experimental: the timings inside a search have been too noisy to rely on; "auto": on when the LUT
+    # was measured on this CPU; "off": the LUT alone)
+    measure_latency: str = "off"
 
 
 # ---------------------------------------------------------------- one proposal
