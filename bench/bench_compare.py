@@ -41,15 +41,20 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-compare")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="only summarise the finished runs under --out (no sweep)")
     args, passthrough = parser.parse_known_args()  # other `autoprune sweep` options, e.g. --model, --data
 
-    code = autoprune_main(["sweep", "--agents", args.agents, "--budgets", args.budget, "--seeds", args.seeds,
-                           "--finetune-epochs", str(args.finetune_epochs), "--out", args.out, "--quiet",
-                           *passthrough])
+    code = 0 if args.report else autoprune_main(
+        ["sweep", "--agents", args.agents, "--budgets", args.budget, "--seeds", args.seeds,
+         "--finetune-epochs", str(args.finetune_epochs), "--out", args.out, "--quiet", *passthrough])
     results: dict[str, list[dict]] = {}
+    seeds: dict[str, list[str]] = {}
     for metrics_file in sorted(Path(args.out).glob("*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
-        results.setdefault(metrics.get("agent", metrics_file.parent.name.split("-")[0]), []).append(metrics)
+        agent = metrics.get("agent", metrics_file.parent.name.split("-")[0])
+        results.setdefault(agent, []).append(metrics)
+        seeds.setdefault(agent, []).append(metrics_file.parent.name.rsplit("-s", 1)[-1])
     if not results:
         return code or 1
 
@@ -61,13 +66,13 @@ def main() -> int:
         f"## All agents at {args.budget}",
         "",
         f"`python bench/bench_compare.py {' '.join(sys.argv[1:])}` on {cpu_model()}, torch {torch.__version__}, "
-        f"{datetime.date.today().isoformat()}: `autoprune sweep` over {args.agents} at {args.budget}, seeds "
-        f"{args.seeds}, each best policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). "
-        "Mean ± half the range over the seeds finished. Per-run table and plots: "
+        f"{datetime.date.today().isoformat()}: `autoprune sweep` over {args.agents} at {args.budget}, each best "
+        f"policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). Mean ± half the range over "
+        "the seeds finished (listed). Per-run table and plots: "
         f"`{args.out}/comparison/` (comparison.md, accuracy_vs_flops.png, accuracy_vs_latency.png, "
         "keep_ratios.png).",
         "",
-        "| agent | seeds | FLOPs kept | val acc before FT (%) | test acc after FT (%) | search (s) |",
+        "| agent | seeds finished | FLOPs kept | val acc before FT (%) | test acc after FT (%) | search (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for agent in args.agents.split(","):
@@ -75,7 +80,7 @@ def main() -> int:
         if not runs:
             lines.append(f"| {agent} | 0 | | | | |")
             continue
-        lines.append(f"| {agent} | {len(runs)} | {summary([m['flops_ratio'] for m in runs])} % | "
+        lines.append(f"| {agent} | {len(runs)} ({', '.join(seeds[agent])}) | {summary([m['flops_ratio'] for m in runs])} % | "
                      f"{summary([m['val_accuracy_before_finetune'] for m in runs])} | "
                      f"{summary([m['test_accuracy'] for m in runs])} | "
                      f"{statistics.mean(m['search_seconds'] for m in runs):.0f} |")
