@@ -1,3 +1,4 @@
+import csv
 import json
 import pickle
 import shutil
@@ -239,8 +240,8 @@ def test_search_with_netadapt_fine_tunes_the_model_it_returns(checkpoint, tmp_pa
     assert config["criterion"] == "l2" and config["agent_config"]["criterion"] == "l2"
     assert config["agent_config"]["max_iterations"] == 2 and metrics["agent"] == "netadapt"
     assert metrics["flops_ratio"] <= 0.8 + 1e-9 and metrics["search"]["stop_reason"] == "budget met"
-    assert metrics["candidate_evaluations"] == sum(int(row.split(",")[11]) for row in
-                                                   (out / "history.csv").read_text().strip().splitlines()[1:])
+    with open(out / "history.csv", newline="") as fh:
+        assert metrics["candidate_evaluations"] == sum(int(row["proposals"]) for row in csv.DictReader(fh))
 
 
 def one_error_line(err: str) -> str:
