@@ -1,13 +1,16 @@
 """The AMC search as a resumable run: DDPG on the pruning environment, one row per episode.
 
-After every episode the history, the best policy so far and the agent's full state
+After every episode the best policy so far, the history and the agent's full state
 (networks, optimisers, replay buffer, noise, counters, random generators) are written
-atomically into the run directory, so a killed search continues from its last finished
-episode and ends exactly as it would have without the interruption.
+atomically into the run directory, in that order, so a killed search continues from its
+last finished episode and ends exactly as it would have without the interruption. The
+writes run on a background thread while the next episode is scored (each ends in an
+fsync); the agent's state is copied first, so later updates cannot leak into it.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -15,16 +18,25 @@ from tqdm.auto import tqdm
 
 from agents.ddpg import AMCDDPG, AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
-from autoprune.io import atomic_torch_save
+from autoprune.io import BackgroundWriter, atomic_torch_save
 from autoprune.runs import Run
 
 STATE_FILE = "ddpg_state.pt"
 OLD_STATE_FILE = "ddpg.zip"  # SB3 archive of earlier versions, without the random generators
 
 
-def _save_state(run: Run, agent: AMCDDPG, tracker: EpisodeTracker) -> None:
+def _save_state(run: Run, state: dict) -> None:
     run.state_dir.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(agent_state(agent, tracker), run.state_dir / STATE_FILE)
+    atomic_torch_save(state, run.state_dir / STATE_FILE)
+
+
+def _write_episode(run: Run, best: dict | None, history: list[dict], state: dict) -> None:
+    """One finished episode's files; the state last, since it marks the episode as done."""
+    if best is not None:
+        run.write_best_policy(best["policy"], episode=best["episode"], reward=best["reward"],
+                              accuracy=best["accuracy"], cost_ratio=best["cost_ratio"])
+    run.write_history(history)
+    _save_state(run, state)
 
 
 def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = True) -> dict:
@@ -46,6 +58,8 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                disable=not progress)
     started = [time.perf_counter()]
     base = env.unwrapped.base_costs()
+    writer = BackgroundWriter()
+    new_best: list[dict] = []
 
     def on_episode(record: dict) -> None:
         now = time.perf_counter()
@@ -56,18 +70,18 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                        | {key: record[key] for key in ("cost_ratio", "noise_sigma", "warmup")}
                        | {"seconds": round(now - started[0], 3)})
         started[0] = now
-        run.write_history(history)
-        _save_state(run, agent, tracker)
+        best_now = new_best.pop() if new_best else None
+        writer.submit(_write_episode, run, best_now, list(history), copy.deepcopy(agent_state(agent, tracker)))
         bar.update(1)
         best = tracker.best or record
         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy']:.4f}")
 
     def on_best(record: dict) -> None:
-        run.write_best_policy(record["policy"], episode=record["episode"], reward=record["reward"],
-                              accuracy=record["accuracy"], cost_ratio=record["cost_ratio"])
+        new_best[:] = [record]  # written with the episode's other files
 
     tracker.on_episode, tracker.on_best = on_episode, on_best
-    if remaining > 0:
-        agent.learn(total_timesteps=remaining * groups, callback=tracker, reset_num_timesteps=False)
+    with writer:
+        if remaining > 0:
+            agent.learn(total_timesteps=remaining * groups, callback=tracker, reset_num_timesteps=False)
     bar.close()
     return tracker.best

@@ -45,3 +45,43 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically."""
     _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+class BackgroundWriter:
+    """Runs write jobs on one worker thread, in the order given, so a search does not wait
+    for the disk (each atomic write ends in an fsync).
+
+    At most one job is in flight: `submit` first waits for the previous job, so the files
+    on disk are never more than one job behind. A job's exception is raised again by the
+    next `submit` or by `close`. `close` (or leaving the `with` block, on an exception
+    too) waits for the job in flight, so an interrupted search keeps what it submitted.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoprune-writer")
+        self._pending = None
+
+    def submit(self, job, *args) -> None:
+        """Run `job(*args)` after the jobs before it; the arguments must not change afterwards."""
+        self.wait()
+        self._pending = self._executor.submit(job, *args)
+
+    def wait(self) -> None:
+        """Block until the job in flight is done; raise its exception, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,47 @@
+import threading
+import time
+
+import pytest
+
+from autoprune.io import BackgroundWriter, atomic_write_text
+
+
+def test_jobs_run_in_order_off_the_calling_thread(tmp_path):
+    seen = []
+
+    def job(i):
+        seen.append((i, threading.current_thread() is threading.main_thread()))
+        atomic_write_text(tmp_path / "last.txt", str(i))
+
+    with BackgroundWriter() as writer:
+        for i in range(20):
+            writer.submit(job, i)
+    assert [i for i, _ in seen] == list(range(20))
+    assert not any(on_main for _, on_main in seen)
+    assert (tmp_path / "last.txt").read_text() == "19"
+
+
+def test_a_failed_job_is_raised_by_the_next_submit_and_later_jobs_do_not_run():
+    ran = []
+
+    def fail():
+        raise OSError("disk full")
+
+    writer = BackgroundWriter()
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(ran.append, 1)
+    writer.close()
+    assert ran == []
+
+
+def test_leaving_on_an_exception_still_finishes_the_job_in_flight(tmp_path):
+    def slow_write():
+        time.sleep(0.3)  # still writing when the caller is interrupted
+        atomic_write_text(tmp_path / "state.txt", "episode 4")
+
+    with pytest.raises(KeyboardInterrupt):
+        with BackgroundWriter() as writer:
+            writer.submit(slow_write)
+            raise KeyboardInterrupt
+    assert (tmp_path / "state.txt").read_text() == "episode 4"
