@@ -347,18 +347,19 @@ def latency_meter(budget: Budget, lut, config: NetAdaptConfig, input_shape: tupl
     device: with `measure_latency="auto"` a LUT from another CPU falls back to the table
     alone; with `"on"` that is an error.
     """
-    from autoprune.latency import cpu_model
+    from autoprune.latency import cpu_id, cpu_model, describe_device, same_device
     from autoprune.report import measure_latency
 
     if budget.metric != "latency" or lut is None or config.measure_latency == "off":
         return None
-    lut_cpu = (lut.data.get("device") or {}).get("cpu")
-    if lut_cpu != cpu_model():
+    lut_device = lut.data.get("device") or {}
+    if not same_device(lut_device):
+        here = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
         if config.measure_latency == "on":
             raise AutopruneError(f"cannot measure latency against LUT {lut.path}: it was measured on "
-                                 f"{lut_cpu or 'an unknown device'}, this machine is {cpu_model()}; "
+                                 f"{describe_device(lut_device)}, this machine is {here}; "
                                  "use measure_latency auto or off here, or build a LUT on this machine")
-        log.info("LUT from %s, this machine is %s: NetAdapt follows the LUT alone", lut_cpu, cpu_model())
+        log.info("LUT from %s, this machine is %s: NetAdapt follows the LUT alone", describe_device(lut_device), here)
         return None
 
     def meter(models: list[nn.Module]) -> list[float]:

@@ -329,19 +329,59 @@ def get_backend(name: str, threads: int = 1, **options) -> LatencyBackend:
 
 # ---------------------------------------------------------------- device facts
 
-def cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ('AMD EPYC 7B13'); under a hypervisor often only a family name."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+# instruction-set extensions that change which kernels a runtime picks, hence its latency
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "asimd", "sve", "sve2")
+
+
+def cpu_id() -> str:
+    """A finer identity than the name: 'family 26 model 2 stepping 1' on x86, the part
+    number on ARM; empty when the system does not say.
+
+    Virtual machines often show a bare 'AMD EPYC' for very different processors (two such
+    machines here ran the same network at 2.97 and 1.55 ms), so a LUT records this too.
+    """
+    info = _cpuinfo()
+    if "cpu family" in info:
+        return f"family {info['cpu family']} model {info.get('model', '?')} stepping {info.get('stepping', '?')}"
+    if "CPU part" in info:
+        return f"implementer {info.get('CPU implementer', '?')} part {info['CPU part']} variant {info.get('CPU variant', '?')}"
+    return ""
+
+
+def cpu_isa() -> list[str]:
+    flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
+    return [flag for flag in ISA_FLAGS if flag in flags]
 
 
 def device_slug() -> str:
-    """The CPU model as a file-name fragment: 'AMD EPYC 7B13' -> 'amd-epyc-7b13'."""
-    slug = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
+    """The CPU as a file-name fragment: 'AMD EPYC 7B13' (family 25 model 1) -> 'amd-epyc-7b13-f25m1'."""
+    name = cpu_model().lower()
+    info = _cpuinfo()
+    if "cpu family" in info:
+        name += f"-f{info['cpu family']}m{info.get('model', '')}"
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
     return slug
@@ -353,8 +393,27 @@ def default_lut_path(backend: LatencyBackend, batch: int, model_tag: str) -> Pat
 
 
 def device_metadata() -> dict:
-    return {"cpu": cpu_model(), "machine": platform.machine(), "system": platform.system(),
-            "logical_cpus": os.cpu_count(), "python": platform.python_version(), "hostname": platform.node()}
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "isa": cpu_isa(), "machine": platform.machine(),
+            "system": platform.system(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "hostname": platform.node()}
+
+
+def describe_device(device: dict | None) -> str:
+    """'AMD EPYC (family 26 model 2 stepping 1)', for messages."""
+    device = device or {}
+    name = device.get("cpu") or "an unknown device"
+    return f"{name} ({device['cpu_id']})" if device.get("cpu_id") else name
+
+
+def same_device(device: dict | None) -> bool:
+    """Whether a LUT's `device` record is this machine's CPU: the same name and, where this
+    machine reports one, the same `cpu_id`. A record without `cpu_id` (tables built before
+    it was recorded) cannot be confirmed and counts as another device."""
+    device = device or {}
+    if device.get("cpu") != cpu_model():
+        return False
+    here = cpu_id()
+    return not here or device.get("cpu_id") == here
 
 
 def pin_process(threads: int) -> list[int] | None:

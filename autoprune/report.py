@@ -30,7 +30,8 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
     batch 1. Returns {"ms": [...], "settings": {...}}; the settings say what was used and
     on which CPU, and whether that CPU is the one the LUT was measured on.
     """
-    from autoprune.latency import cpu_model, get_backend, measure_networks, time_runs
+    from autoprune.latency import (cpu_id, cpu_model, describe_device, get_backend, measure_networks,
+                                   same_device, time_runs)
 
     backend_name, threads, batch, options, note = "torch", 1, 1, {}, None
     if lut is not None:
@@ -54,12 +55,12 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
                                     rounds=LATENCY_ROUNDS)
     finally:
         torch.set_num_threads(saved_threads)
-    cpu = cpu_model()
-    lut_cpu = (lut.data.get("device") or {}).get("cpu") if lut is not None else None
+    lut_device = (lut.data.get("device") or {}) if lut is not None else None
     settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "runs": runs,
                 "rounds": LATENCY_ROUNDS, "statistic": "minimum over rounds of the median of runs",
-                "measured_on": cpu, "lut_device": lut_cpu,
-                "on_lut_device": None if lut is None else lut_cpu == cpu}
+                "measured_on": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}),
+                "lut_device": None if lut is None else describe_device(lut_device),
+                "on_lut_device": None if lut is None else same_device(lut_device)}
     if note:
         settings["note"] = note
     return {"ms": measured, "settings": settings}

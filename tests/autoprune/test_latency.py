@@ -228,3 +228,21 @@ def test_missing_backend_is_one_clear_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "autoprune: error: backend onnxruntime is not installed: pip install onnxruntime "
         "(or pip install 'autoprune[onnx]')"]
+
+
+def test_a_lut_counts_as_this_device_only_when_name_and_cpu_id_match(monkeypatch):
+    monkeypatch.setattr(latency, "_cpuinfo", lambda: {"model name": "AMD EPYC", "cpu family": "26", "model": "2",
+                                                      "stepping": "1", "flags": "fpu avx2 avx512f"})
+    here = latency.device_metadata()
+    assert here["cpu_id"] == "family 26 model 2 stepping 1" and here["isa"] == ["avx2", "avx512f"]
+    assert latency.same_device(here)
+    # same marketing name, another processor generation behind the hypervisor
+    assert not latency.same_device({**here, "cpu_id": "family 25 model 1 stepping 1"})
+    assert not latency.same_device({"cpu": "AMD EPYC"})  # recorded before cpu_id existed: cannot be confirmed
+    assert not latency.same_device({"cpu": "Some Phone SoC", "cpu_id": here["cpu_id"]})
+    assert latency.device_slug() == "amd-epyc-f26m2"
+    assert latency.describe_device(here) == "AMD EPYC (family 26 model 2 stepping 1)"
+    # a system that reports no finer identity compares by name
+    monkeypatch.setattr(latency, "_cpuinfo", lambda: {})
+    monkeypatch.setattr(latency.platform, "processor", lambda: "arm")
+    assert latency.cpu_id() == "" and latency.same_device({"cpu": "arm"})
