@@ -34,7 +34,7 @@ from autoprune.budgets import parse_budget, uniform_ratio_for_budget
 from autoprune.costs import policy_cost, uniform_policy
 from autoprune.data import load_data
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from autoprune.latency import cpu_model
+from autoprune.latency import cpu_id, cpu_model, describe_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, train
@@ -43,6 +43,11 @@ from envs.channel_pruning import ChannelPruningEnv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_core import write_section  # noqa: E402
+
+
+def _device(row: dict) -> str:
+    """The CPU a row was measured on (rows from before it was recorded: the earlier machine)."""
+    return row.get("device", "AMD EPYC (family/model not recorded)")
 
 
 def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
@@ -74,14 +79,15 @@ def main() -> int:
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-    done = {(r["model"], r["budget"], r["seed"]) for r in rows}
+    device = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
+    done = {(_device(r), r["model"], r["budget"], r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
         model, meta = load_model(path)
         data = load_data(meta.get("data", "fashion-mnist"))
         for budget_text in args.budgets.split(","):
             budget = parse_budget(budget_text)
             for seed in (int(s) for s in args.seeds.split(",")):
-                if (name, budget_text, seed) in done:
+                if (device, name, budget_text, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
                 evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images,
                                                                          bn_batches=args.bn_batches, seed=seed))
@@ -99,6 +105,7 @@ def main() -> int:
                 base_flops = policy_cost(evaluator.description, {}).flops
                 finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
                 row = {
+                    "device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
                     "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
                     "val_images": args.val_images, "bn_batches": args.bn_batches, "threads": args.threads,
@@ -123,14 +130,14 @@ def main() -> int:
                 print(row, flush=True)
     if rows_file.is_file():  # rows measured by parallel invocations count too
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    rows.sort(key=lambda r: (r["model"], r["budget"], r["seed"]))
+    rows.sort(key=lambda r: (r.get("date", ""), _device(r), r["model"], r["budget"], r["seed"]))
 
     commands = sorted({r["command"] for r in rows})
     lines = [
         "## AMC search (DDPG) against uniform pruning",
         "",
-        f"On {cpu_model()}, torch {torch.__version__}, {datetime.date.today().isoformat()}, by "
-        + "; ".join(f"`{c}`" for c in commands) + ". FLOPs are MACs.",
+        "By " + "; ".join(f"`{c}`" for c in commands) + f"; torch {torch.__version__}. The CPU and date of each "
+        "row are in its *CPU* column (rows without a date were measured on 2026-11-23). FLOPs are MACs.",
         "",
         "- *val*: accuracy on the whole held-out validation split (5,000 images) after BN recalibration, before any "
         "fine-tuning. The search itself scores policies on a fixed subset of it (`--val-images`, 1,000 unless the "
@@ -143,13 +150,13 @@ def main() -> int:
         "directory); *prune*, *BN* and *val* are the evaluator's channel removal, BatchNorm recalibration and "
         "validation pass, as shares of the search's wall time.",
         "",
-        "| model | budget | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
+        "| CPU | model | budget | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
         "AMC val | uniform val | margin (pp) | warm-up best | best ep. | AMC test (FT) | uniform test (FT) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['budget']} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
+            f"| {_device(r)}{', ' + r['date'] if 'date' in r else ''} | {r['model']} | {r['budget']} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
             f"{r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
             f"{100 * r['prune_share']:.1f} % | {100 * r['bn_share']:.1f} % | {100 * r['val_share']:.1f} % | "
             f"{r['evaluations']} | {100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | "
@@ -158,19 +165,20 @@ def main() -> int:
             f"{100 * r['uniform_test_ft']:.2f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["budget"]), []).append(r)
-    lines += ["", "| model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) | "
-              "mean search (s) |", "|---|---|---:|---:|---:|---:|---:|"]
+        groups.setdefault((_device(r), r["model"], r["budget"]), []).append(r)
+    lines += ["", "| CPU | model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) | "
+              "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def spread(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
 
-    for (model, budget), rs in groups.items():
+    for (cpu, model, budget), rs in groups.items():
         margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
         test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
-        lines.append(f"| {model} | {budget} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
-                     f"{spread(test_margins)} | {statistics.mean(r['search_s'] for r in rs):.0f} |")
+        lines.append(f"| {cpu} | {model} | {budget} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
+                     f"{spread(test_margins)} | {statistics.mean(r['search_s'] for r in rs):.0f} | "
+                     f"{100 * statistics.mean(r['agent_share'] for r in rs):.1f} % |")
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

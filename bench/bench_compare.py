@@ -3,8 +3,10 @@
 Runs `autoprune sweep` over the agents, the budget and the seeds (each run resumable; a
 repeated command skips finished runs), then summarises test accuracy after the same
 long-term fine-tune and validation accuracy before it, per agent: mean, spread
-(max − min) and the number of seeds finished. Writes BENCHMARKS.md between the
-`bench_compare` markers, with the path of the sweep's comparison table and plots.
+(max − min) and the number of seeds finished, and the test-accuracy margin over the
+uniform policy fine-tuned with the same seed. The sweep's comparison table and plots
+are copied to bench/results/compare-BUDGET/; BENCHMARKS.md (between the
+`bench_compare` markers) names them.
 
     python bench/bench_compare.py --budget 50%flops --seeds 0,1,2 --finetune-epochs 1
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from autoprune.cli import main as autoprune_main
-from autoprune.latency import cpu_model
+from autoprune.latency import cpu_id, cpu_model, describe_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -57,6 +60,13 @@ def main() -> int:
         seeds.setdefault(agent, []).append(metrics_file.parent.name.rsplit("-s", 1)[-1])
     if not results:
         return code or 1
+    uniform_test = dict(zip(seeds.get("uniform", []), (m["test_accuracy"] for m in results.get("uniform", []))))
+    kept = ROOT / "bench" / "results" / f"compare-{args.budget.replace('%', 'p')}"
+    comparison = Path(args.out) / "comparison"
+    if comparison.is_dir() and not args.no_write:
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in comparison.iterdir():
+            shutil.copyfile(path, kept / path.name)
 
     def summary(values: list[float]) -> str:
         spread = max(values) - min(values) if len(values) > 1 else 0.0
@@ -65,24 +75,31 @@ def main() -> int:
     lines = [
         f"## All agents at {args.budget}",
         "",
-        f"`python bench/bench_compare.py {' '.join(sys.argv[1:])}` on {cpu_model()}, torch {torch.__version__}, "
-        f"{datetime.date.today().isoformat()}: `autoprune sweep` over {args.agents} at {args.budget}, each best "
-        f"policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). Mean ± half the range over "
-        "the seeds finished (listed). Per-run table and plots: "
-        f"`{args.out}/comparison/` (comparison.md, accuracy_vs_flops.png, accuracy_vs_latency.png, "
-        "keep_ratios.png).",
+        f"`python bench/bench_compare.py --agents {args.agents} --budget {args.budget} --seeds {args.seeds} "
+        f"--finetune-epochs {args.finetune_epochs}` on {describe_device({'cpu': cpu_model(), 'cpu_id': cpu_id()})}, "
+        f"torch {torch.__version__}, {datetime.date.today().isoformat()}: `autoprune sweep` over the agents at "
+        f"{args.budget}, each best policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). "
+        "Mean ± half the range over the seeds finished (listed). *vs uniform*: test accuracy after fine-tuning "
+        "minus that of the uniform policy fine-tuned with the same seed, mean (min to max) over the seeds. "
+        f"Per-run table and plots: `{kept.relative_to(ROOT)}/` (comparison.md, accuracy_vs_flops.png, "
+        "accuracy_vs_latency.png, keep_ratios.png).",
         "",
-        "| agent | seeds finished | FLOPs kept | val acc before FT (%) | test acc after FT (%) | search (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| agent | seeds finished | FLOPs kept | val acc before FT (%) | test acc after FT (%) | vs uniform (pp) "
+        "| search (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for agent in args.agents.split(","):
         runs = results.get(agent, [])
         if not runs:
-            lines.append(f"| {agent} | 0 | | | | |")
+            lines.append(f"| {agent} | 0 | | | | | |")
             continue
+        margins = [100 * (m["test_accuracy"] - uniform_test[seed]) for m, seed in zip(runs, seeds[agent])
+                   if seed in uniform_test]
+        versus = (f"{statistics.mean(margins):+.2f} ({min(margins):+.2f} to {max(margins):+.2f})"
+                  if margins and agent != "uniform" else "")
         lines.append(f"| {agent} | {len(runs)} ({', '.join(seeds[agent])}) | {summary([m['flops_ratio'] for m in runs])} % | "
                      f"{summary([m['val_accuracy_before_finetune'] for m in runs])} | "
-                     f"{summary([m['test_accuracy'] for m in runs])} | "
+                     f"{summary([m['test_accuracy'] for m in runs])} | {versus} | "
                      f"{statistics.mean(m['search_seconds'] for m in runs):.0f} |")
     body = "\n".join(lines)
     print(body)

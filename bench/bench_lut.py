@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import build_lut, cpu_model, default_lut_path, get_backend, load_lut, validate_lut
+from autoprune.latency import (build_lut, cpu_id, cpu_model, default_lut_path, describe_device, device_slug,
+                               get_backend, load_lut, validate_lut)
 from autoprune.models import load_model
 from autoprune.pruning import describe_network
 
@@ -37,7 +38,11 @@ def main() -> int:
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--keep", action="store_true", help="validate existing LUTs instead of rebuilding them")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--rows", default=str(ROOT / "bench" / "results" / "lut_rows.jsonl"),
+                        help="measured rows of every device, one JSON object per line (this run's replace its "
+                             "device's)")
     args = parser.parse_args()
+    device = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
 
     model, _ = load_model(None)
     description = describe_network(model, (1, 28, 28))
@@ -53,36 +58,43 @@ def main() -> int:
             table = build_lut(model, description, backend, out, model_name="resnet20 (default checkpoint)")
         build_s = time.perf_counter() - started
         result = validate_lut(table, model, description, samples=args.samples, seed=1)
-        result_path = ROOT / "bench" / "results" / f"lut-validate-{name}.json"
+        result_path = ROOT / "bench" / "results" / f"lut-validate-{device_slug()}-{name}.json"
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result, indent=2) + "\n")
         entries = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
-        rows.append({"backend": name, "version": table.runtime["backend_version"],
+        rows.append({"device": device, "date": datetime.date.today().isoformat(), "samples": args.samples,
+                     "backend": name, "version": table.runtime["backend_version"],
                      "options": table.runtime.get("graph_optimization", ""), "entries": entries,
                      "build_s": table.data.get("build_seconds", build_s),
                      "base_ms": table.calibration["points"][0]["measured_ms"],
                      "mape": result["median_abs_error_pct"], "max": result["max_abs_error_pct"],
-                     "spearman": result["spearman"], "lut": out.relative_to(ROOT),
-                     "result": result_path.relative_to(ROOT)})
+                     "spearman": result["spearman"], "lut": str(out.relative_to(ROOT)),
+                     "result": str(result_path.relative_to(ROOT))})
         print(rows[-1])
+    rows_file = Path(args.rows)
+    kept = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    kept = [r for r in kept if (r["device"], r["backend"]) not in {(n["device"], n["backend"]) for n in rows}]
+    rows = kept + rows
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     lines = [
         "## Latency lookup tables (default model, 1 thread, batch 1)",
         "",
-        f"`python bench/bench_lut.py --samples {args.samples}` on {cpu_model()}, torch {torch.__version__}, Python "
-        f"{platform.python_version()}, {datetime.date.today().isoformat()}. Each table entry is a conv/linear "
+        f"`python bench/bench_lut.py --samples N`, torch {torch.__version__}, Python "
+        f"{platform.python_version()}, one row per device and runtime. Each table entry is a conv/linear "
         "layer with its BatchNorm and activation, timed alone: the minimum over 3 rounds of the median of 50 runs. "
-        "Validation times 30 random pruned networks (keep ratios in [0.2, 1], seed 1; the build calibrates on "
+        "Validation times N random pruned networks (keep ratios in [0.2, 1], seed 1; the build calibrates on "
         "seed 0) whole, the minimum over 5 rounds of the median of 50 runs, and compares with the LUT's "
         "prediction. Targets: median absolute error at most 10 %, Spearman at least 0.9.",
         "",
-        "| backend | version | entries | build (s) | unpruned, measured (ms) | median abs. error | max abs. error "
+        "| device | date | backend | version | samples | entries | build (s) | unpruned, measured (ms) | median abs. error | max abs. error "
         "| Spearman | LUT | per-sample figures |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         backend = r["backend"] + (f" ({r['options']} optimisation)" if r["options"] else "")
-        lines.append(f"| {backend} | {r['version']} | {r['entries']} | {r['build_s']:.0f} | {r['base_ms']:.3f} | "
+        lines.append(f"| {r['device']} | {r['date']} | {backend} | {r['version']} | {r['samples']} | {r['entries']} | {r['build_s']:.0f} | {r['base_ms']:.3f} | "
                      f"{r['mape']:.1f} % | {r['max']:.1f} % | {r['spearman']:.3f} | `{r['lut']}` | `{r['result']}` |")
     body = "\n".join(lines)
     print(body)

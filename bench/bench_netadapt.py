@@ -1,7 +1,7 @@
-"""NetAdapt to a latency budget on the shipped torch LUT: search time and measured latency.
+"""NetAdapt to a latency budget on a shipped torch LUT: search time and measured latency.
 
-Runs `autoprune search --agent netadapt --budget 50%latency --lut <shipped torch LUT>` on
-the default model, then times the unpruned model and the final pruned model whole
+Runs `autoprune search --agent netadapt --budget 50%latency --lut LUT` on the default
+model (LUT: this machine's torch table in latency_luts/, built by bench/bench_lut.py), then times the unpruned model and the final pruned model whole
 (torch eager, 1 thread, batch 1, as the LUT was built; the minimum over rounds of the
 median of many calls, the process pinned to one CPU) and reports how far the measured
 latency ratio lands from the budget. `--measure-latency` is passed to the search (off, the
@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 
 from autoprune.cli import main as autoprune_main
-from autoprune.latency import cpu_model, get_backend, load_lut, measure_networks, pin_process
+from autoprune.latency import (TorchBackend, cpu_id, cpu_model, default_lut_path, describe_device, get_backend,
+                               load_lut, measure_networks, pin_process)
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_core import write_section  # noqa: E402
 
-DEFAULT_LUT = ROOT / "latency_luts" / "amd-epyc-torch-t1-b1-resnet20-fashion-mnist.json"
+DEFAULT_LUT = ROOT / default_lut_path(TorchBackend(1), 1, "resnet20-fashion-mnist")  # this machine's
 
 
 def main() -> int:
@@ -77,7 +78,8 @@ def main() -> int:
     fraction = float(args.budget.split("%")[0]) / 100
     search = metrics.get("search", {})
     row = {"command": "python bench/bench_netadapt.py " + " ".join(sys.argv[1:]), "date": datetime.date.today().isoformat(),
-           "cpu": cpu_model(), "torch": torch.__version__, "budget": args.budget, "workers": args.workers,
+           "cpu": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}), "lut": Path(args.lut).name,
+           "torch": torch.__version__, "budget": args.budget, "workers": args.workers,
            "measured_in_search": search.get("measured_base_ms") is not None,
            "iterations": search.get("iterations"), "proposals": search.get("proposals"),
            "search_s": metrics["search_seconds"], "lut_ratio": metrics["lut_latency_ratio"],
@@ -96,20 +98,20 @@ def report(rows_file: Path, lut: Path, no_write: bool) -> int:
     lines = [
         "## NetAdapt to a latency budget",
         "",
-        f"On the default model with the shipped torch LUT (`{lut.name}`): "
+        "On the default model with a shipped torch LUT built on the CPU the row ran on (*LUT*): "
         "`autoprune search --agent netadapt --budget B --lut LUT --measure-latency M`, then the unpruned and the "
         f"searched network timed whole (torch eager, {runtime['threads']} thread, batch {runtime['batch']}, the "
         "process pinned to one CPU, minimum over the passes of the median of 200 calls). *measured in search*: "
         "whether NetAdapt timed the network after every iteration and stopped on that (`--measure-latency on`) "
         "or followed the LUT alone (off, the default).",
         "",
-        "| command | date | budget | measured in search | workers | iterations | proposals | search (s) | "
+        "| command | date | CPU | LUT | budget | measured in search | workers | iterations | proposals | search (s) | "
         "LUT latency | measured latency (ms) | measured ratio | off the budget | FLOPs | val before FT | test after FT |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| `{r['command']}` | {r['date']} | {r['budget']} | {'yes' if r['measured_in_search'] else 'no'} | "
+            f"| `{r['command']}` | {r['date']} | {r['cpu']} | `{r.get('lut', 'amd-epyc-torch-t1-b1-resnet20-fashion-mnist.json')}` | {r['budget']} | {'yes' if r['measured_in_search'] else 'no'} | "
             f"{r['workers']} | {r['iterations']} | {r['proposals']} | {r['search_s']:.0f} | "
             f"{100 * r['lut_ratio']:.1f} % | {r['base_ms']:.3f} → {r['pruned_ms']:.3f} | {100 * r['ratio']:.1f} % | "
             f"{100 * r['off_budget']:+.1f} % | {100 * r['flops_ratio']:.1f} % | {100 * r['val_before_ft']:.2f} | "
