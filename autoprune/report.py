@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -19,7 +20,9 @@ from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
 log = logging.getLogger(__name__)
 
 LATENCY_TARGET_MS = 300.0  # timed calls per network and pass are sized to take about this long
-LATENCY_ROUNDS = 3  # passes over the networks; each keeps its fastest
+LATENCY_RUNS = (20, 200)  # fewest and most timed calls per network and pass
+LATENCY_WARMUP = 20  # untimed calls per network before each pass
+LATENCY_ROUNDS = 5  # passes over the networks; each keeps its fastest
 
 
 def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], lut=None) -> dict:
@@ -27,10 +30,13 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
 
     With a LUT, the networks run on its runtime with its threads and batch size; without
     one, or when this machine lacks that runtime, under torch eager with 1 thread and
-    batch 1. Returns {"ms": [...], "settings": {...}}; the settings say what was used and
-    on which CPU, and whether that CPU is the one the LUT was measured on.
+    batch 1. The calling thread is pinned to as many CPUs as the runtime has threads
+    while it times (and unpinned after), and the passes go over all networks in turn, so
+    networks timed in one call are compared under the same conditions. Returns
+    {"ms": [...], "settings": {...}}; the settings say what was used and on which CPU,
+    and whether that CPU is the one the LUT was measured on.
     """
-    from autoprune.latency import (cpu_id, cpu_model, describe_device, get_backend, measure_networks,
+    from autoprune.latency import (cpu_id, cpu_model, describe_device, get_backend, measure_networks, pin_process,
                                    same_device, time_runs)
 
     backend_name, threads, batch, options, note = "torch", 1, 1, {}, None
@@ -40,6 +46,7 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
         if "graph_optimization" in runtime:
             options["optimization"] = runtime["graph_optimization"]
     saved_threads = torch.get_num_threads()
+    saved_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         try:
             backend = get_backend(backend_name, threads, **options)
@@ -49,15 +56,18 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
             backend_name, threads, batch = "torch", 1, 1
             backend = get_backend("torch", 1)
         shape = (batch, *input_shape)
+        pin_process(threads)
         probe_ms = time_runs(backend.runner(models[0], shape), 2, 3)
-        runs = int(min(50, max(5, LATENCY_TARGET_MS / max(probe_ms, 1e-3))))
-        measured = measure_networks(backend, models, input_shape, batch, warmup=5, runs=runs,
+        runs = int(min(LATENCY_RUNS[1], max(LATENCY_RUNS[0], LATENCY_TARGET_MS / max(probe_ms, 1e-3))))
+        measured = measure_networks(backend, models, input_shape, batch, warmup=LATENCY_WARMUP, runs=runs,
                                     rounds=LATENCY_ROUNDS)
     finally:
         torch.set_num_threads(saved_threads)
+        if saved_cpus is not None:
+            os.sched_setaffinity(0, saved_cpus)
     lut_device = (lut.data.get("device") or {}) if lut is not None else None
-    settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "runs": runs,
-                "rounds": LATENCY_ROUNDS, "statistic": "minimum over rounds of the median of runs",
+    settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "warmup": LATENCY_WARMUP,
+                "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": saved_cpus is not None, "statistic": "minimum over rounds of the median of runs",
                 "measured_on": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}),
                 "lut_device": None if lut is None else describe_device(lut_device),
                 "on_lut_device": None if lut is None else same_device(lut_device)}

@@ -209,6 +209,22 @@ def test_measured_latency_decides_when_the_budget_is_met(evaluator, formula_lut,
     assert all(float(r["measured_ratio"]) > 0.6 for r in rows[:-1])
 
 
+@pytest.mark.slow
+def test_process_meter_times_networks_in_a_worker_and_ranks_them(trained_tiny, formula_lut):
+    from autoprune.costs import uniform_policy
+    from autoprune.pruning import ChannelPruner
+
+    small = ChannelPruner(trained_tiny, SHAPE).prune(uniform_policy(describe_network(trained_tiny, SHAPE), 0.25))
+    meter = netadapt.ProcessLatencyMeter(SHAPE, formula_lut)
+    try:
+        base_ms, small_ms = meter([trained_tiny, small])
+        again = meter([trained_tiny])  # the same worker serves later calls
+    finally:
+        meter.close()
+    assert meter._pool is None
+    assert 0 < small_ms < base_ms and len(again) == 1 and again[0] > 0
+
+
 def test_measuring_against_a_lut_from_another_device_is_refused(evaluator, formula_lut, tmp_path):
     run = new_run(tmp_path)
     with pytest.raises(AutopruneError, match="cannot measure latency against LUT"):

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 
 import pandas as pd
@@ -112,6 +113,7 @@ def test_measured_latency_uses_the_lut_runtime_and_says_when_the_device_differs(
     from autoprune.report import measure_latency
 
     threads = torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
     phone = LatencyTable({"runtime": {"backend": "torch", "threads": 1, "batch": 2},
                           "device": {"cpu": "Some Phone SoC"}}, "phone.json")
     result = measure_latency([trained_tiny], (1, 28, 28), phone)
@@ -125,6 +127,7 @@ def test_measured_latency_uses_the_lut_runtime_and_says_when_the_device_differs(
     settings = measure_latency([trained_tiny], (1, 28, 28), here)["settings"]
     assert settings["backend"] == "torch" and "not usable here" in settings["note"] and settings["on_lut_device"]
     assert torch.get_num_threads() == threads
+    assert os.sched_getaffinity(0) == cpus  # pinned only while timing
 
 
 def test_compare_notes_say_which_latencies_were_not_measured_on_the_lut_device(finished_runs):
