@@ -11,6 +11,7 @@ from autoprune.costs import count_cost
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pruning import describe_network
+from autoprune.report import LatencyWorker
 from autoprune.runs import Run
 from autoprune.train import evaluate
 
@@ -210,12 +211,15 @@ def test_measured_latency_decides_when_the_budget_is_met(evaluator, formula_lut,
 
 
 @pytest.mark.slow
-def test_process_meter_times_networks_in_a_worker_and_ranks_them(trained_tiny, formula_lut):
+def test_latency_worker_times_networks_in_another_process_and_ranks_them(trained_tiny, formula_lut):
     from autoprune.costs import uniform_policy
     from autoprune.pruning import ChannelPruner
 
     small = ChannelPruner(trained_tiny, SHAPE).prune(uniform_policy(describe_network(trained_tiny, SHAPE), 0.25))
-    meter = netadapt.ProcessLatencyMeter(SHAPE, formula_lut)
+    meter = netadapt.latency_meter(parse_budget("50%latency"), formula_lut, replace(SMALL, measure_latency="auto"),
+                                   SHAPE)
+    assert meter is None  # the formula table was not measured on this CPU
+    meter = LatencyWorker(SHAPE, formula_lut)
     try:
         base_ms, small_ms = meter([trained_tiny, small])
         again = meter([trained_tiny])  # the same worker serves later calls

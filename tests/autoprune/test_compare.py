@@ -137,3 +137,22 @@ def test_compare_notes_say_which_latencies_were_not_measured_on_the_lut_device(f
     lines = notes(records)
     assert any(line.startswith("random: latency measured on") and "not on the LUT's device (Some Phone SoC)" in line
                for line in lines)
+
+
+def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel():
+    import torch.nn as nn
+
+    from autoprune.report import measure_latency
+
+    class Local(nn.Module):  # defined in a function: cannot be pickled for another process
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    travelling = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    assert measure_latency([travelling], (1, 28, 28))["settings"]["process"] == "a fresh one"
+    result = measure_latency([Local()], (1, 28, 28))
+    assert result["ms"][0] > 0 and result["settings"]["process"].startswith("this one")
