@@ -360,13 +360,14 @@ def cpu_id() -> str:
     number on ARM; empty when the system does not say.
 
     Virtual machines often show a bare 'AMD EPYC' for very different processors (two such
-    machines here ran the same network at 2.97 and 1.55 ms), so a LUT records this too.
+    machines here ran the same network at 2.97 and 1.40 ms), so a LUT records this too.
     """
     info = _cpuinfo()
     if "cpu family" in info:
         return f"family {info['cpu family']} model {info.get('model', '?')} stepping {info.get('stepping', '?')}"
     if "CPU part" in info:
-        return f"implementer {info.get('CPU implementer', '?')} part {info['CPU part']} variant {info.get('CPU variant', '?')}"
+        return (f"implementer {info.get('CPU implementer', '?')} part {info['CPU part']} "
+                f"variant {info.get('CPU variant', '?')}")
     return ""
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
+import pickle
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -58,11 +61,6 @@ class LatencyWorker:
         self._pool = None
 
     def measure(self, models: list[nn.Module]) -> dict:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        import pickle
-
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
@@ -136,7 +134,8 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
             os.sched_setaffinity(0, saved_cpus)
     lut_device = (lut.data.get("device") or {}) if lut is not None else None
     settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "warmup": LATENCY_WARMUP,
-                "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": saved_cpus is not None, "statistic": "minimum over rounds of the median of runs",
+                "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": saved_cpus is not None,
+                "statistic": "minimum over rounds of the median of runs",
                 "measured_on": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}),
                 "lut_device": None if lut is None else describe_device(lut_device),
                 "on_lut_device": None if lut is None else same_device(lut_device)}
