@@ -166,7 +166,8 @@ def main() -> int:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((_device(r), r["model"], r["budget"]), []).append(r)
-    lines += ["", "| CPU | model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) | "
+    lines += ["", "| CPU | model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) (FT "
+              "epochs; 0: no fine-tune) | "
               "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def spread(values: list[float]) -> str:
@@ -177,7 +178,8 @@ def main() -> int:
         margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
         test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
         lines.append(f"| {cpu} | {model} | {budget} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
-                     f"{spread(test_margins)} | {statistics.mean(r['search_s'] for r in rs):.0f} | "
+                     f"{spread(test_margins)} ({'/'.join(sorted({str(r['finetune_epochs']) for r in rs}))} epochs) | "
+                     f"{statistics.mean(r['search_s'] for r in rs):.0f} | "
                      f"{100 * statistics.mean(r['agent_share'] for r in rs):.1f} % |")
     body = "\n".join(lines)
     print(body)
