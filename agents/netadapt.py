@@ -76,9 +76,9 @@ class NetAdaptConfig:
     criterion: str = "l2"  # channel selection inside a group (the paper keeps the largest-L2 filters)
     workers: int = 1  # processes scoring proposals; 1 scores them in this process
     lower_bound: float = 0.0  # smallest keep ratio of a group, relative to the base (0: one channel multiple)
-    # latency budgets: also time the current network on this machine and stop on the measured latency
-    # ("on", experimental: the timings inside a search have been too noisy to rely on; "auto": on when the LUT
-    # was measured on this CPU; "off": the LUT alone)
+    # latency budgets: also time the current network on this machine, in a separate process, and stop on the
+    # measured latency ("on"; "auto": on when the LUT was measured on this CPU; "off": the LUT alone, which is
+    # repeatable to the channel)
     measure_latency: str = "off"
 
 

@@ -717,9 +717,9 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     netadapt.add_argument("--reduction-decay", type=float, default=None, help="factor on the cut per iteration")
     netadapt.add_argument("--max-iterations", type=int, default=None, help="stop after this many iterations")
     netadapt.add_argument("--measure-latency", choices=("auto", "on", "off"), default=None,
-                          help="latency budgets, experimental: time the network on this machine after every "
-                               "iteration and stop on the measured latency (auto: when the LUT was measured on this "
-                               "CPU; default off, the LUT alone)")
+                          help="latency budgets: time the network on this machine (in a separate process) after "
+                               "every iteration and stop on the measured latency (auto: when the LUT was measured on "
+                               "this CPU; default off, the LUT alone, repeatable to the channel)")
 
 
 def build_parser() -> argparse.ArgumentParser:
