@@ -9,6 +9,7 @@ import os
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 import torch.nn as nn
@@ -70,9 +71,13 @@ class LatencyWorker:
                 torch.save(model, buffer)
                 payload.append(buffer.getvalue())
             result = self._pool.submit(_measure_in_worker, payload, self.input_shape, self.lut).result()
-        except (pickle.PicklingError, AttributeError, ImportError, TypeError) as exc:  # the model does not travel
+        except (pickle.PicklingError, AttributeError, ImportError, TypeError, BrokenProcessPool) as exc:
+            # the model does not travel, or the worker cannot start (e.g. a calling script without a
+            # `if __name__ == "__main__":` guard)
+            self.close()
             result = measure_latency_here(models, self.input_shape, self.lut)
-            result["settings"]["process"] = f"this one (the timing process could not load the model: {exc})"
+            result["settings"]["process"] = (f"this one (timing in a separate process failed: "
+                                             f"{type(exc).__name__}: {exc})")
             return result
         result["settings"]["process"] = "a fresh one"
         return result

@@ -156,3 +156,18 @@ def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel():
     assert measure_latency([travelling], (1, 28, 28))["settings"]["process"] == "a fresh one"
     result = measure_latency([Local()], (1, 28, 28))
     assert result["ms"][0] > 0 and result["settings"]["process"].startswith("this one")
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_still_gets_its_latency(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import torch.nn as nn\n"
+                      "from autoprune.report import measure_latency\n"
+                      "result = measure_latency([nn.Sequential(nn.Conv2d(1, 2, 3))], (1, 8, 8))\n"
+                      "print('ms', result['ms'][0] > 0, result['settings']['process'][:8])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ms True this one" in done.stdout  # the worker could not start: timed in the script's own process
