@@ -16,7 +16,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from agents.ddpg import AMCDDPG, AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
+from agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
 from autoprune.io import BackgroundWriter, atomic_torch_save
 from autoprune.runs import Run

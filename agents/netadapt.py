@@ -350,13 +350,13 @@ def latency_meter(budget: Budget, lut, config: NetAdaptConfig, input_shape: tupl
     (`LatencyWorker`): timed inside the search process, after its fine-tunes, the
     unpruned network came out 2.3× too slow.
     """
-    from autoprune.latency import cpu_id, cpu_model, describe_device, same_device
+    from autoprune.latency import describe_device, same_device, this_device
 
     if budget.metric != "latency" or lut is None or config.measure_latency == "off":
         return None
     lut_device = lut.data.get("device") or {}
     if not same_device(lut_device):
-        here = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
+        here = this_device()
         if config.measure_latency == "on":
             raise AutopruneError(f"cannot measure latency against LUT {lut.path}: it was measured on "
                                  f"{describe_device(lut_device)}, this machine is {here}; "

@@ -372,7 +372,8 @@ def cpu_id() -> str:
 
 
 def cpu_isa() -> list[str]:
-    flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
     return [flag for flag in ISA_FLAGS if flag in flags]
 
 
@@ -404,6 +405,11 @@ def describe_device(device: dict | None) -> str:
     device = device or {}
     name = device.get("cpu") or "an unknown device"
     return f"{name} ({device['cpu_id']})" if device.get("cpu_id") else name
+
+
+def this_device() -> str:
+    """This machine's CPU as `describe_device` words it."""
+    return describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
 
 
 def same_device(device: dict | None) -> bool:

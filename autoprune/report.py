@@ -108,8 +108,8 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
     {"ms": [...], "settings": {...}}; the settings say what was used and on which CPU,
     and whether that CPU is the one the LUT was measured on.
     """
-    from autoprune.latency import (cpu_id, cpu_model, describe_device, get_backend, measure_networks, pin_process,
-                                   same_device, time_runs)
+    from autoprune.latency import (describe_device, get_backend, measure_networks, pin_process, same_device,
+                                   this_device, time_runs)
 
     backend_name, threads, batch, options, note = "torch", 1, 1, {}, None
     if lut is not None:
@@ -141,7 +141,7 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
     settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "warmup": LATENCY_WARMUP,
                 "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": saved_cpus is not None,
                 "statistic": "minimum over rounds of the median of runs",
-                "measured_on": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}),
+                "measured_on": this_device(),
                 "lut_device": None if lut is None else describe_device(lut_device),
                 "on_lut_device": None if lut is None else same_device(lut_device)}
     if note:

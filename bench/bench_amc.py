@@ -34,7 +34,7 @@ from autoprune.budgets import parse_budget, uniform_ratio_for_budget
 from autoprune.costs import policy_cost, uniform_policy
 from autoprune.data import load_data
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from autoprune.latency import cpu_id, cpu_model, describe_device
+from autoprune.latency import this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, train
@@ -79,7 +79,7 @@ def main() -> int:
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-    device = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
+    device = this_device()
     done = {(_device(r), r["model"], r["budget"], r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
         model, meta = load_model(path)

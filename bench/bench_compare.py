@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from autoprune.cli import main as autoprune_main
-from autoprune.latency import cpu_id, cpu_model, describe_device
+from autoprune.latency import this_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -76,7 +76,7 @@ def main() -> int:
         f"## All agents at {args.budget}",
         "",
         f"`python bench/bench_compare.py --agents {args.agents} --budget {args.budget} --seeds {args.seeds} "
-        f"--finetune-epochs {args.finetune_epochs}` on {describe_device({'cpu': cpu_model(), 'cpu_id': cpu_id()})}, "
+        f"--finetune-epochs {args.finetune_epochs}` on {this_device()}, "
         f"torch {torch.__version__}, {datetime.date.today().isoformat()}: `autoprune sweep` over the agents at "
         f"{args.budget}, each best policy fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine). "
         "Mean ± half the range over the seeds finished (listed). *vs uniform*: test accuracy after fine-tuning "

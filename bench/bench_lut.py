@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import (build_lut, cpu_id, cpu_model, default_lut_path, describe_device, device_slug,
-                               get_backend, load_lut, validate_lut)
+from autoprune.latency import (build_lut, default_lut_path, device_slug, get_backend, load_lut, this_device,
+                               validate_lut)
 from autoprune.models import load_model
 from autoprune.pruning import describe_network
 
@@ -42,7 +42,7 @@ def main() -> int:
                         help="measured rows of every device, one JSON object per line (this run's replace its "
                              "device's)")
     args = parser.parse_args()
-    device = describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
+    device = this_device()
 
     model, _ = load_model(None)
     description = describe_network(model, (1, 28, 28))

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from autoprune.cli import main as autoprune_main
-from autoprune.latency import TorchBackend, cpu_id, cpu_model, default_lut_path, describe_device, load_lut
+from autoprune.latency import TorchBackend, default_lut_path, load_lut, this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.report import measure_latency
 
@@ -75,7 +75,7 @@ def main() -> int:
     fraction = float(args.budget.split("%")[0]) / 100
     search = metrics.get("search", {})
     row = {"command": "python bench/bench_netadapt.py " + " ".join(sys.argv[1:]), "date": datetime.date.today().isoformat(),
-           "cpu": describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()}), "lut": Path(args.lut).name,
+           "cpu": this_device(), "lut": Path(args.lut).name,
            "torch": torch.__version__, "budget": args.budget, "workers": args.workers,
            "measured_in_search": search.get("measured_base_ms") is not None, "search_meter": "separate process",
            "iterations": search.get("iterations"), "proposals": search.get("proposals"),

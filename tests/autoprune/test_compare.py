@@ -109,7 +109,7 @@ def test_markdown_table_leaves_missing_values_empty():
 def test_measured_latency_uses_the_lut_runtime_and_says_when_the_device_differs(trained_tiny):
     import torch
 
-    from autoprune.latency import LatencyTable, cpu_id, cpu_model, describe_device
+    from autoprune.latency import LatencyTable, cpu_id, cpu_model, this_device
     from autoprune.report import measure_latency
 
     threads = torch.get_num_threads()
@@ -119,7 +119,7 @@ def test_measured_latency_uses_the_lut_runtime_and_says_when_the_device_differs(
     result = measure_latency([trained_tiny], (1, 28, 28), phone)
     settings = result["settings"]
     assert result["ms"][0] > 0 and settings["batch"] == 2 and settings["backend"] == "torch"
-    assert settings["measured_on"] == describe_device({"cpu": cpu_model(), "cpu_id": cpu_id()})
+    assert settings["measured_on"] == this_device()
     assert settings["lut_device"] == "Some Phone SoC"
     assert settings["on_lut_device"] is False
     here = LatencyTable({"runtime": {"backend": "formula", "threads": 1, "batch": 1},
