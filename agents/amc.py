@@ -59,7 +59,6 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     started = [time.perf_counter()]
     base = env.unwrapped.base_costs()
     writer = BackgroundWriter()
-    new_best: list[dict] = []
 
     def on_episode(record: dict) -> None:
         now = time.perf_counter()
@@ -70,16 +69,14 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                        | {key: record[key] for key in ("cost_ratio", "noise_sigma", "warmup")}
                        | {"seconds": round(now - started[0], 3)})
         started[0] = now
-        best_now = new_best.pop() if new_best else None
-        writer.submit(_write_episode, run, best_now, list(history), copy.deepcopy(agent_state(agent, tracker)))
+        improved = tracker.best is record  # the tracker made this episode the best before calling here
+        writer.submit(_write_episode, run, record if improved else None, list(history),
+                      copy.deepcopy(agent_state(agent, tracker)))
         bar.update(1)
         best = tracker.best or record
         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy']:.4f}")
 
-    def on_best(record: dict) -> None:
-        new_best[:] = [record]  # written with the episode's other files
-
-    tracker.on_episode, tracker.on_best = on_episode, on_best
+    tracker.on_episode = on_episode
     with writer:
         if remaining > 0:
             agent.learn(total_timesteps=remaining * groups, callback=tracker, reset_num_timesteps=False)

@@ -23,7 +23,6 @@ last finished iteration, and rows written after it are dropped from the history.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from autoprune.costs import channels_to_keep, count_cost
 from autoprune.data import DataBundle
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator, criterion_batches
-from autoprune.io import atomic_torch_save, atomic_write_json
+from autoprune.io import atomic_torch_save, atomic_write_json, model_from_bytes, model_to_bytes
 from autoprune.pruning import ChannelPruner
 from autoprune.report import LatencyWorker
 from autoprune.runs import Run
@@ -121,17 +120,6 @@ class ProposalResult:
     accuracy: float
     model: bytes
     seconds: dict[str, float]  # wall time per phase: prune, short_term_finetune, bn_recalibration, validation
-
-
-def model_to_bytes(model: nn.Module) -> bytes:
-    """A whole module as bytes (what travels to and from worker processes)."""
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    return buffer.getvalue()
-
-
-def model_from_bytes(data: bytes) -> nn.Module:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def prune_group(model: nn.Module, group: str, channels_after: int, settings: ProposalSettings,

@@ -1,7 +1,9 @@
-"""Files that survive a crash: every write goes to a temporary file, then is renamed."""
+"""Files that survive a crash (every write goes to a temporary file, then is renamed), writes off
+the critical path, and whole modules as bytes for other processes."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -45,6 +47,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically."""
     _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def model_to_bytes(model: torch.nn.Module) -> bytes:
+    """A whole module as bytes (what travels to and from worker processes)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes) -> torch.nn.Module:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 class BackgroundWriter:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
@@ -18,7 +17,7 @@ from autoprune.costs import count_cost, format_count, policy_channels
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import save_pruned_model
-from autoprune.io import atomic_write_text
+from autoprune.io import atomic_write_text, model_from_bytes, model_to_bytes
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
 
@@ -41,8 +40,7 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
 
 
 def _measure_in_worker(payload: list[bytes], input_shape: tuple[int, int, int], lut) -> dict:
-    models = [torch.load(io.BytesIO(data), map_location="cpu", weights_only=False).eval() for data in payload]
-    return measure_latency_here(models, input_shape, lut)
+    return measure_latency_here([model_from_bytes(data).eval() for data in payload], input_shape, lut)
 
 
 class LatencyWorker:
@@ -65,11 +63,7 @@ class LatencyWorker:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            payload = []
-            for model in models:
-                buffer = io.BytesIO()
-                torch.save(model, buffer)
-                payload.append(buffer.getvalue())
+            payload = [model_to_bytes(model) for model in models]
             result = self._pool.submit(_measure_in_worker, payload, self.input_shape, self.lut).result()
         except (pickle.PicklingError, AttributeError, ImportError, TypeError, BrokenProcessPool) as exc:
             # the model does not travel, or the worker cannot start (e.g. a calling script without a
