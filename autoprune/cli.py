@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autoprune.budgets import DEFAULT_FILL
 from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -308,13 +309,13 @@ def cmd_lut_validate(args) -> int:
 
 AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity")
 SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
-               "reward", "criterion", "lut", "lower_bound", "channel_multiple", "val_images", "bn_batches",
+               "reward", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
                "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
                "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency")
 NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
                   "measure_latency")
-AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward"), "random": ("samples",),
-              "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only one agent reads
+AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill"), "random": ("samples", "fill"),
+              "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only some agents read
 
 
 def _default_criterion(agent: str) -> str:
@@ -346,6 +347,8 @@ def _check_search_args(args) -> Budget:
                              "(build one with `autoprune lut build` on the target device)")
     if not 0.0 < args.lower_bound <= 1.0:
         raise AutopruneError(f"--lower-bound {args.lower_bound} must be in (0, 1]")
+    if not 0.0 <= args.fill <= 1.0:
+        raise AutopruneError(f"--fill {args.fill} must be in [0, 1]")
     if args.finetune_epochs < 0:
         raise AutopruneError("--finetune-epochs must be 0 or more")
     if args.agent == "ddpg" and (args.episodes < 1 or args.warmup_episodes < 0
@@ -397,7 +400,8 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
         from agents.ddpg import AMCConfig
         from envs.channel_pruning import ChannelPruningEnv
 
-        env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward)
+        env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward,
+                                fill=args.fill)
         config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
 
         def search_ddpg(run):
@@ -431,11 +435,13 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
     elif args.agent == "random":
         from envs.channel_pruning import ChannelPruningEnv
 
-        ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound)  # refuses bad settings now
+        ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound,
+                          fill=args.fill)  # refuses bad settings now
 
         def search(run):
             return baselines.run_random(run, evaluator, budget, table, samples=args.samples,
-                                        lower_bound=args.lower_bound, seed=args.seed, progress=progress), None
+                                        lower_bound=args.lower_bound, fill=args.fill, seed=args.seed,
+                                        progress=progress), None
     else:
         baselines.sensitivity_grid(args.lower_bound, args.sensitivity_step)
 
@@ -472,6 +478,8 @@ def run_search(args, loaded=None):
         for key in SEARCH_KEYS:
             if key in saved:
                 setattr(args, key, saved[key])
+        if "fill" not in saved:
+            args.fill = 0.0  # written before the fill bound existed: resume without it
         args.no_download = True
     budget = _check_search_args(args)
     args.criterion = args.criterion or _default_criterion(args.agent)
@@ -601,7 +609,8 @@ def _sweep_plan(args) -> list[argparse.Namespace]:
 
 def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
     """Settings that an existing run directory of a sweep was made with and that differ now."""
-    others = {key for agent, keys in AGENT_KEYS.items() if agent != ns.agent for key in keys}
+    others = {key for agent, keys in AGENT_KEYS.items() if agent != ns.agent for key in keys} \
+        - set(AGENT_KEYS.get(ns.agent, ()))
     differ = []
     for key in SEARCH_KEYS:
         wanted = getattr(ns, key, None)
@@ -691,6 +700,9 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
                         "l1 otherwise)")
     p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
     p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio any agent may choose")
+    p.add_argument("--fill", type=float, default=DEFAULT_FILL,
+                   help="ddpg and random: share of the budget every episode is steered to use, through a lower "
+                        f"action bound (default: {DEFAULT_FILL:g}; 0: AMC's upper bound only)")
     p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
     p.add_argument("--val-images", type=int, default=1000,
                    help="validation images scored per candidate (a fixed subset of the validation split)")

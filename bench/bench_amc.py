@@ -30,7 +30,7 @@ import torch
 import envs  # noqa: F401
 from agents.amc import run_amc
 from agents.ddpg import AMCConfig
-from autoprune.budgets import parse_budget, uniform_ratio_for_budget
+from autoprune.budgets import DEFAULT_FILL, parse_budget, uniform_ratio_for_budget
 from autoprune.costs import policy_cost, uniform_policy
 from autoprune.data import load_data
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
@@ -43,6 +43,10 @@ from envs.channel_pruning import ChannelPruningEnv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_core import write_section  # noqa: E402
+
+
+def _fill(row: dict) -> float:
+    return row.get("fill", 0.0)  # rows measured before the fill bound existed ran without it
 
 
 def _device(row: dict) -> str:
@@ -65,6 +69,8 @@ def main() -> int:
     parser.add_argument("--warmup-episodes", type=int, default=100)
     parser.add_argument("--val-images", type=int, default=1000, help="validation images per candidate")
     parser.add_argument("--bn-batches", type=int, default=10, help="BN recalibration batches per candidate")
+    parser.add_argument("--fill", type=float, default=DEFAULT_FILL,
+                        help="share of the budget each episode is steered to use (the environment's lower bound)")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-amc", help="run directories of the searches")
@@ -80,19 +86,20 @@ def main() -> int:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     device = this_device()
-    done = {(_device(r), r["model"], r["budget"], r["seed"]) for r in rows}
+    done = {(_device(r), r["model"], r["budget"], _fill(r), r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
         model, meta = load_model(path)
         data = load_data(meta.get("data", "fashion-mnist"))
         for budget_text in args.budgets.split(","):
             budget = parse_budget(budget_text)
             for seed in (int(s) for s in args.seeds.split(",")):
-                if (device, name, budget_text, seed) in done:
+                if (device, name, budget_text, args.fill, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
                 evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images,
                                                                          bn_batches=args.bn_batches, seed=seed))
-                env = ChannelPruningEnv(evaluator, budget)
-                run_path = Path(args.out) / f"{name}-{budget.tag}-seed{seed}-{datetime.date.today().isoformat()}"
+                env = ChannelPruningEnv(evaluator, budget, fill=args.fill)
+                run_path = Path(args.out) / (f"{name}-{budget.tag}-fill{args.fill:g}-seed{seed}-"
+                                             f"{datetime.date.today().isoformat()}")
                 run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
                 started = time.perf_counter()
                 best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
@@ -106,7 +113,7 @@ def main() -> int:
                 finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
                 row = {
                     "device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                    "model": name, "budget": budget_text, "seed": seed, "search_s": search_s,
+                    "model": name, "budget": budget_text, "fill": args.fill, "seed": seed, "search_s": search_s,
                     "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
                     "val_images": args.val_images, "bn_batches": args.bn_batches, "threads": args.threads,
                     "finetune_epochs": args.finetune_epochs,
@@ -130,7 +137,7 @@ def main() -> int:
                 print(row, flush=True)
     if rows_file.is_file():  # rows measured by parallel invocations count too
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    rows.sort(key=lambda r: (r.get("date", ""), _device(r), r["model"], r["budget"], r["seed"]))
+    rows.sort(key=lambda r: (r.get("date", ""), _device(r), r["model"], r["budget"], _fill(r), r["seed"]))
 
     commands = sorted({r["command"] for r in rows})
     lines = [
@@ -149,14 +156,16 @@ def main() -> int:
         "- Time: *agent* is everything outside the environment (DDPG updates, bookkeeping, writing the run "
         "directory); *prune*, *BN* and *val* are the evaluator's channel removal, BatchNorm recalibration and "
         "validation pass, as shares of the search's wall time.",
+        "- *fill*: the share of the budget every episode is steered to use (the environment's lower action bound, "
+        "`--fill`); 0 is AMC's upper bound alone.",
         "",
-        "| CPU | model | budget | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
+        "| CPU | model | budget | fill | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
         "AMC val | uniform val | margin (pp) | warm-up best | best ep. | AMC test (FT) | uniform test (FT) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {_device(r)}{', ' + r['date'] if 'date' in r else ''} | {r['model']} | {r['budget']} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
+            f"| {_device(r)}{', ' + r['date'] if 'date' in r else ''} | {r['model']} | {r['budget']} | {_fill(r):g} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
             f"{r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
             f"{100 * r['prune_share']:.1f} % | {100 * r['bn_share']:.1f} % | {100 * r['val_share']:.1f} % | "
             f"{r['evaluations']} | {100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | "
@@ -165,19 +174,19 @@ def main() -> int:
             f"{100 * r['uniform_test_ft']:.2f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((_device(r), r["model"], r["budget"]), []).append(r)
-    lines += ["", "| CPU | model | budget | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) (FT "
+        groups.setdefault((_device(r), r["model"], r["budget"], _fill(r)), []).append(r)
+    lines += ["", "| CPU | model | budget | fill | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) (FT "
               "epochs; 0: no fine-tune) | "
-              "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+              "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def spread(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
 
-    for (cpu, model, budget), rs in groups.items():
+    for (cpu, model, budget, fill), rs in groups.items():
         margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
         test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
-        lines.append(f"| {cpu} | {model} | {budget} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
+        lines.append(f"| {cpu} | {model} | {budget} | {fill:g} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
                      f"{spread(test_margins)} ({'/'.join(sorted({str(r['finetune_epochs']) for r in rs}))} epochs) | "
                      f"{statistics.mean(r['search_s'] for r in rs):.0f} | "
                      f"{100 * statistics.mean(r['agent_share'] for r in rs):.1f} % |")

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from autoprune.budgets import Budget, check_reachable, resource_value
+from autoprune.budgets import DEFAULT_FILL, Budget, check_reachable, resource_value
 from autoprune.costs import channels_to_keep, count_cost, group_costs
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
@@ -53,6 +53,12 @@ class ChannelPruningEnv(gym.Env):
     `[lower_bound, 1]`, then rounded to a channel count. The count is clipped so that
     the budget can still be met if every later group is pruned to the lower bound (AMC's
     action bound). Every episode therefore ends inside the budget, whatever the agent does.
+    It is also clipped from below, so that the network can still use `fill` of the budget
+    if every later group is kept whole: an episode ends using at least that share of the
+    budget unless the groups' channel steps are too coarse for it (the budget wins then).
+    Without this bound nothing steers a policy towards its budget: at tight budgets,
+    where every candidate scores near chance before fine-tuning, the search can settle on
+    a policy that keeps far less than it may, and loses accuracy it could have had.
 
     ## Observation Space
     `Box(0, 1, (11,), float32)`, AMC's layer embedding, each feature scaled to [0, 1]:
@@ -81,6 +87,8 @@ class ChannelPruningEnv(gym.Env):
     - `lut`: a `LatencyTable`, needed for latency budgets and the `acc_latency` reward.
     - `lower_bound`: smallest keep ratio an action maps to (default 0.2).
     - `reward`: a key of `REWARDS` (default `acc`).
+    - `fill`: share of the budget every episode is steered to use, in [0, 1] (default
+      0.95; 0 turns the bound off, as in AMC).
 
     ## Version History
     - v0: first version.
@@ -89,12 +97,14 @@ class ChannelPruningEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, evaluator: PolicyEvaluator, budget: Budget, lut=None, lower_bound: float = 0.2,
-                 reward: str = "acc"):
+                 reward: str = "acc", fill: float = DEFAULT_FILL):
         super().__init__()
         if reward not in REWARDS:
             raise AutopruneError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
         if not 0.0 < lower_bound <= 1.0:
             raise AutopruneError(f"lower bound {lower_bound} must be in (0, 1]")
+        if not 0.0 <= fill <= 1.0:
+            raise AutopruneError(f"fill {fill} must be in [0, 1]")
         if (budget.metric == "latency" or reward == "acc_latency") and lut is None:
             raise AutopruneError("a latency budget or reward needs a latency table: pass --lut FILE")
         self.evaluator = evaluator
@@ -112,6 +122,8 @@ class ChannelPruningEnv(gym.Env):
         self._full = {g.name: g.channels for g in self.groups}
         self.base_value = self._value(self._full)
         self.limit = budget.limit(self.base_value)
+        self.fill = fill
+        self.target = fill * self.limit  # what every episode is steered to use at least
         check_reachable(budget, self.description, {g.name: c for g, c in zip(self.groups, self._floor)}, lut,
                         lower_bound)
         self._static = self._static_features()
@@ -179,13 +191,36 @@ class ChannelPruningEnv(gym.Env):
             lo -= 1  # a latency table need not be monotone everywhere
         return choices[lo]
 
+    def min_to_fill(self, t: int) -> int:
+        """Smallest count for group t such that `fill` of the budget can still be used with
+        later groups kept whole (the whole group if even that falls short)."""
+        choices = self._choices[t]
+        if self.target <= 0:
+            return choices[0]
+        name = self.groups[t].name
+
+        def reaches(count: int) -> bool:
+            return self._value({**self._full, **self._kept, name: count}) >= self.target
+
+        lo, hi = 0, len(choices) - 1
+        while lo < hi:  # the cost grows with the count: the first count that reaches the target
+            mid = (lo + hi) // 2
+            if reaches(choices[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return choices[lo]
+
     def action_to_count(self, t: int, action: float) -> int:
-        """Keep ratio from the action, rounded to a channel count, clipped to the action bound."""
+        """Keep ratio from the action, rounded to a channel count, clipped to the action
+        bounds: at most what keeps the budget reachable, at least what keeps `fill` of it
+        reachable (the budget wins if the two cross)."""
         action = float(np.clip(action, -1.0, 1.0))
         ratio = self.lower_bound + (action + 1.0) / 2.0 * (1.0 - self.lower_bound)
         g = self.groups[t]
         count = channels_to_keep(g.channels, ratio, self.evaluator.config.channel_multiple)
-        return int(min(max(count, self._floor[t]), self.max_feasible(t)))
+        count = max(count, self._floor[t], self.min_to_fill(t))
+        return int(min(count, self.max_feasible(t)))
 
     # ------------------------------------------------------------ Gymnasium API
 

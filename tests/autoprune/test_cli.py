@@ -266,6 +266,7 @@ def test_search_refuses_bad_agent_settings_before_creating_the_run(checkpoint, t
         "sensitivity, unreachable": (["--agent", "sensitivity", "--budget", "10%flops", "--lower-bound", "0.5"],
                                      "unreachable"),
         "no samples": (["--agent", "random", "--budget", "50%flops", "--samples", "0"], "--samples"),
+        "fill above 1": (["--agent", "random", "--budget", "50%flops", "--fill", "1.5"], "--fill 1.5 must be in [0, 1]"),
     }
     try:
         import agents.netadapt  # noqa: F401

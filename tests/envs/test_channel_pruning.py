@@ -45,21 +45,42 @@ def test_registered_with_a_versioned_id(evaluator):
     assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (11,)
 
 
+def adversarial_sequences(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.ones(n), -np.ones(n), np.r_[np.ones(n // 2), -np.ones(n - n // 2)],
+            np.r_[-np.ones(n // 2), np.ones(n - n // 2)], *(rng.uniform(-1, 1, n) for _ in range(4))]
+
+
 @pytest.mark.parametrize("budget", ["30%flops", "50%flops", "40%params"])
 def test_every_episode_ends_inside_the_budget(evaluator, budget):
     env = ChannelPruningEnv(evaluator, parse_budget(budget))
-    rng = np.random.default_rng(0)
-    sequences = [np.ones(len(env.groups)), -np.ones(len(env.groups)),  # keep everything / prune hardest
-                 np.r_[np.ones(len(env.groups) // 2), -np.ones(len(env.groups) - len(env.groups) // 2)],
-                 np.r_[-np.ones(len(env.groups) // 2), np.ones(len(env.groups) - len(env.groups) // 2)]]
-    sequences += [rng.uniform(-1, 1, len(env.groups)) for _ in range(4)]
-    for actions in sequences:
+    for actions in adversarial_sequences(len(env.groups)):
         _, info = run_episode(env, actions)
         assert info["cost_ratio"] <= parse_budget(budget).fraction + 1e-9
         # the environment's accounting equals what is counted on the physically pruned network
         pruned = evaluator.pruner.prune(info["policy"])
         counted = count_cost(describe_network(pruned, (1, 28, 28)))
         assert (counted.flops, counted.params) == (info["flops"], info["params"])
+
+
+@pytest.mark.parametrize("budget", ["30%flops", "50%flops", "40%params"])
+def test_every_episode_uses_at_least_fill_of_the_budget(evaluator, budget):
+    fraction = parse_budget(budget).fraction
+    env = ChannelPruningEnv(evaluator, parse_budget(budget), fill=0.9)
+    for actions in adversarial_sequences(len(env.groups)):
+        _, info = run_episode(env, actions)
+        assert 0.9 * fraction - 1e-9 <= info["cost_ratio"] <= fraction + 1e-9, actions
+    # without the bound, pruning every group hardest keeps far less than the budget allows
+    _, info = run_episode(ChannelPruningEnv(evaluator, parse_budget(budget), fill=0.0), -np.ones(len(env.groups)))
+    assert info["cost_ratio"] < 0.9 * fraction
+
+
+def test_fill_bound_yields_to_the_budget(evaluator):
+    # fill 1 asks for the exact budget, which channel steps rarely allow: the budget still holds
+    env = ChannelPruningEnv(evaluator, parse_budget("50%flops"), fill=1.0)
+    for actions in adversarial_sequences(len(env.groups), seed=1):
+        _, info = run_episode(env, actions)
+        assert info["cost_ratio"] <= 0.5 + 1e-9
 
 
 def test_latency_budget_is_met_through_the_lut(evaluator, formula_lut):
@@ -93,3 +114,5 @@ def test_unreachable_budget_and_bad_arguments(evaluator):
         ChannelPruningEnv(evaluator, parse_budget("50%flops"), reward="speed")
     with pytest.raises(AutopruneError, match="needs a latency table"):
         ChannelPruningEnv(evaluator, parse_budget("50%latency"))
+    with pytest.raises(AutopruneError, match="fill -0.1 must be in"):
+        ChannelPruningEnv(evaluator, parse_budget("50%flops"), fill=-0.1)
