@@ -53,11 +53,6 @@ class AMCConfig:
     noise_decay: float = 0.95  # per episode after warm-up
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
     buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
-    # not AMC's: the best policies found go through a short fine-tune, and the best after it
-    # wins (agents.amc.final_selection); 0 or 1 keeps the search's own best
-    finalists: int = 5  # distinct policies with the highest rewards
-    finalist_steps: int = 200  # SGD steps (batch 64) for each
-    finalist_lr: float = 0.01  # peak learning rate of those steps (cosine)
 
 
 class TruncatedNormalNoise(ActionNoise):
@@ -194,8 +189,7 @@ class AMCDDPG(DDPG):
 
 
 class EpisodeTracker(BaseCallback):
-    """Decays the noise after warm-up, records every episode, the best policy seen and the
-    `keep` distinct policies with the highest rewards (`top`, best first).
+    """Decays the noise after warm-up, records every episode and the best policy seen.
 
     `on_episode(record)` is called with a JSON-safe dict per finished episode, and
     `on_best(record)` whenever the best reward improves. Both run at the end of the
@@ -207,16 +201,13 @@ class EpisodeTracker(BaseCallback):
     """
 
     def __init__(self, noise: TruncatedNormalNoise, warmup_episodes: int,
-                 on_episode: Callable[[dict], None] | None = None, on_best: Callable[[dict], None] | None = None,
-                 keep: int = 1):
+                 on_episode: Callable[[dict], None] | None = None, on_best: Callable[[dict], None] | None = None):
         super().__init__()
         self.noise = noise
         self.warmup_episodes = warmup_episodes
         self.on_episode, self.on_best = on_episode, on_best
-        self.keep = keep
         self.episode = 0
         self.best: dict | None = None
-        self.top: list[dict] = []
         self.rollout_steps = 0  # environment steps since the last rollout ended
         self.pending_updates = 0  # gradient steps a resumed search owes its last episode
         self._finished: list[dict] = []
@@ -249,18 +240,8 @@ class EpisodeTracker(BaseCallback):
                 self.best = record
                 if self.on_best is not None:
                     self.on_best(record)
-            self._keep_top(record)
             if self.on_episode is not None:
                 self.on_episode(record)
-
-
-    def _keep_top(self, record: dict) -> None:
-        """Insert `record` among the `keep` best distinct policies (earlier episodes win ties)."""
-        if any(kept["policy"] == record["policy"] for kept in self.top):
-            return  # the same channel plan again scores the same (the evaluator caches it)
-        self.top.append(record)
-        self.top.sort(key=lambda kept: -kept["reward"])  # stable: ties keep their order
-        del self.top[self.keep:]
 
 
 def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, TruncatedNormalNoise]:
@@ -318,7 +299,7 @@ def agent_state(agent: AMCDDPG, tracker: EpisodeTracker) -> dict:
         "buffer": {name: getattr(buffer, name)[:filled].copy() for name in BUFFER_FIELDS}
         | {"pos": buffer.pos, "full": buffer.full, "baseline": buffer.baseline},
         "noise": {"sigma": tracker.noise.sigma, "rng": tracker.noise.rng.bit_generator.state},
-        "tracker": {"episode": tracker.episode, "best": tracker.best, "top": list(tracker.top),
+        "tracker": {"episode": tracker.episode, "best": tracker.best,
                     # SB3 trains on the episode right after this rollout, once past the warm-up
                     "pending_updates": tracker.rollout_steps if agent.num_timesteps > agent.learning_starts else 0},
         "rng": {"numpy": np.random.get_state(), "python": random.getstate(), "torch": torch.get_rng_state(),
@@ -341,7 +322,6 @@ def restore_agent_state(agent: AMCDDPG, tracker: EpisodeTracker, state: dict) ->
     tracker.noise.sigma = state["noise"]["sigma"]
     tracker.noise.rng.bit_generator.state = state["noise"]["rng"]
     tracker.episode, tracker.best = state["tracker"]["episode"], state["tracker"]["best"]
-    tracker.top = list(state["tracker"].get("top") or ([tracker.best] if tracker.best else []))[:tracker.keep]
     tracker.pending_updates = state["tracker"]["pending_updates"]
     rng = state["rng"]
     np.random.set_state(rng["numpy"])

@@ -309,14 +309,12 @@ def cmd_lut_validate(args) -> int:
 
 AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity")
 SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
-               "reward", "finalists", "finalist_steps", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
+               "reward", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
                "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
                "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency")
-# settings newer than some run directories, with the value that reproduces the older behaviour
-SETTINGS_ADDED_LATER = {"fill": 0.0, "finalists": 0, "finalist_steps": 0}
 NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
                   "measure_latency")
-AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "finalists", "finalist_steps", "fill"), "random": ("samples", "fill"),
+AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill"), "random": ("samples", "fill"),
               "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only some agents read
 
 
@@ -356,8 +354,6 @@ def _check_search_args(args) -> Budget:
     if args.agent == "ddpg" and (args.episodes < 1 or args.warmup_episodes < 0
                                  or args.warmup_episodes > args.episodes):
         raise AutopruneError("--episodes must be at least 1 and --warmup-episodes between 0 and --episodes")
-    if args.agent == "ddpg" and (args.finalists < 0 or args.finalist_steps < 0):
-        raise AutopruneError("--finalists and --finalist-steps must be 0 or more")
     if args.agent == "random" and args.samples < 1:
         raise AutopruneError("--samples must be at least 1")
     if args.agent == "sensitivity" and not 0.0 < args.sensitivity_step < 1.0:
@@ -406,16 +402,13 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
 
         env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward,
                                 fill=args.fill)
-        config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes, finalists=args.finalists,
-                           finalist_steps=args.finalist_steps)
+        config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
 
         def search_ddpg(run):
             started = time.perf_counter()
             best = run_amc(run, env, config, seed=args.seed, progress=progress)
-            selection = best.get("selection_seconds", 0.0)
             elapsed = time.perf_counter() - started
-            return best, {**evaluator.timings, "agent": max(0.0, elapsed - env.seconds - selection),
-                          "final_selection": selection}
+            return best, {**evaluator.timings, "agent": max(0.0, elapsed - env.seconds)}
 
         return search_ddpg, None
     if args.agent == "netadapt":
@@ -485,9 +478,8 @@ def run_search(args, loaded=None):
         for key in SEARCH_KEYS:
             if key in saved:
                 setattr(args, key, saved[key])
-        for key, value in SETTINGS_ADDED_LATER.items():
-            if key not in saved:
-                setattr(args, key, value)  # a run written before the setting existed resumes without it
+        if "fill" not in saved:
+            args.fill = 0.0  # written before the fill bound existed: resume without it
         args.no_download = True
     budget = _check_search_args(args)
     args.criterion = args.criterion or _default_criterion(args.agent)
@@ -724,11 +716,6 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     ddpg.add_argument("--episodes", type=int, default=400, help="episodes in all, warm-up included (AMC: 400)")
     ddpg.add_argument("--warmup-episodes", type=int, default=100, help="episodes of random actions first (AMC: 100)")
     ddpg.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
-    ddpg.add_argument("--finalists", type=int, default=5,
-                      help="the best distinct policies fine-tuned briefly after the search; the best after it wins "
-                           "(default: 5; 0: the search's best, as in AMC)")
-    ddpg.add_argument("--finalist-steps", type=int, default=200,
-                      help="SGD steps (batch 64) for each finalist (default: 200)")
     baselines = p.add_argument_group("random and sensitivity baselines")
     baselines.add_argument("--samples", type=int, default=100, help="random: policies drawn (default: 100)")
     baselines.add_argument("--sensitivity-step", type=float, default=0.1,

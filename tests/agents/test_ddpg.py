@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 
@@ -9,7 +7,7 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from envs.channel_pruning import ChannelPruningEnv
 
 FAST = EvaluatorConfig(bn_batches=2, bn_batch_size=32, val_images=64)
-SMALL = AMCConfig(episodes=6, warmup_episodes=3, finalists=3, finalist_steps=5)
+SMALL = AMCConfig(episodes=6, warmup_episodes=3)
 
 
 @pytest.fixture(scope="module")
@@ -98,49 +96,3 @@ def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch)
         assert [r[key] for r in rows] == [r[key] for r in expected]
     assert best["policy"] == reference.read_best_policy()["policy"]
     assert run.read_best_policy()["policy"] == best["policy"]
-
-
-def test_final_selection_keeps_the_best_finalist_after_fine_tuning_and_resumes(env, tmp_path, monkeypatch):
-    import agents.amc as amc
-    from autoprune.runs import Run
-
-    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
-    best = amc.run_amc(reference, env, SMALL, seed=5, progress=False)
-    rows = best["finalists"]
-    # three distinct policies, best search reward first; the chosen one scored best after tuning
-    assert len(rows) == 3 and len({r["episode"] for r in rows}) == 3
-    assert [r["reward"] for r in rows] == sorted((r["reward"] for r in rows), reverse=True)
-    assert rows[0]["episode"] == best["search_best_episode"]
-    assert best["tuned_accuracy"] == max(r["tuned_accuracy"] for r in rows)
-    assert reference.read_best_policy()["episode"] == best["episode"]
-
-    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
-    real_train = amc.train
-    calls = {"n": 0}
-
-    def train_then_die(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second finalist
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(amc, "train", train_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        amc.run_amc(run, env, SMALL, seed=5, progress=False)
-    assert len(json.loads((run.state_dir / amc.FINALISTS_FILE).read_text())["rows"]) == 1
-    tuned = []
-    monkeypatch.setattr(amc, "train", lambda *args, **kwargs: tuned.append(1) or real_train(*args, **kwargs))
-    resumed = amc.run_amc(run, env, SMALL, seed=5, progress=False)
-    assert len(tuned) == 2  # the finished finalist is not tuned again
-    assert resumed["finalists"] == [{**r, "seconds": s["seconds"]} for r, s in zip(rows, resumed["finalists"])]
-    assert resumed["policy"] == best["policy"]
-
-
-def test_tracker_keeps_the_best_distinct_policies():
-    from agents.ddpg import EpisodeTracker
-
-    tracker = EpisodeTracker(TruncatedNormalNoise(0.5, 0.95), warmup_episodes=0, keep=2)
-    for episode, (reward, policy) in enumerate([(0.1, "a"), (0.3, "b"), (0.3, "b"), (0.2, "c"), (0.3, "d")], 1):
-        tracker._keep_top({"episode": episode, "reward": reward, "policy": {"g": policy}})
-    # the repeat of "b" is not a second finalist; of equal rewards the earlier episode comes first
-    assert [r["episode"] for r in tracker.top] == [2, 5]
