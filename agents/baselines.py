@@ -87,10 +87,10 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
 
     Each policy is one episode of the AMC environment driven by actions drawn uniformly
     from [-1, 1] by `numpy.random.default_rng(seed)`, so it meets the same action bounds
-    (the budget, `fill` of it, and the lower bound) as the DDPG agent's. After every sample the history, the
-    best policy and the state (samples done, generator state, best) are written
-    atomically; a killed search continues with the next sample and draws what it would
-    have drawn.
+    as the DDPG agent's (the budget, `fill` of it, and the lower bound). After every
+    sample the history, the best policy and the state (samples done, generator state,
+    best) are written atomically; a killed search continues with the next sample and
+    draws what it would have drawn.
     """
     from envs.channel_pruning import ChannelPruningEnv
 

@@ -49,15 +49,6 @@ def _fill(row: dict) -> float:
     return row.get("fill", 0.0)  # rows measured before the fill bound existed ran without it
 
 
-def _finalists(row: dict) -> int:
-    return row.get("finalists", 0)  # rows measured before the final selection existed: the search's best
-
-
-def _episode(row: dict) -> str:
-    searched = row.get("search_best_episode", row["best_episode"])
-    return str(row["best_episode"]) + (f" ({searched})" if searched != row["best_episode"] else "")
-
-
 def _device(row: dict) -> str:
     """The CPU a row was measured on (rows from before it was recorded: the earlier machine)."""
     return row.get("device", "AMD EPYC (family/model not recorded)")
@@ -80,9 +71,6 @@ def main() -> int:
     parser.add_argument("--bn-batches", type=int, default=10, help="BN recalibration batches per candidate")
     parser.add_argument("--fill", type=float, default=DEFAULT_FILL,
                         help="share of the budget each episode is steered to use (the environment's lower bound)")
-    parser.add_argument("--finalists", type=int, default=AMCConfig.finalists,
-                        help="policies fine-tuned briefly after the search to pick the best (0: the search's best)")
-    parser.add_argument("--finalist-steps", type=int, default=AMCConfig.finalist_steps)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-amc", help="run directories of the searches")
@@ -98,27 +86,25 @@ def main() -> int:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     device = this_device()
-    done = {(_device(r), r["model"], r["budget"], _fill(r), _finalists(r), r["seed"]) for r in rows}
+    done = {(_device(r), r["model"], r["budget"], _fill(r), r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
         model, meta = load_model(path)
         data = load_data(meta.get("data", "fashion-mnist"))
         for budget_text in args.budgets.split(","):
             budget = parse_budget(budget_text)
             for seed in (int(s) for s in args.seeds.split(",")):
-                if (device, name, budget_text, args.fill, args.finalists, seed) in done:
+                if (device, name, budget_text, args.fill, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
                 evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images,
                                                                          bn_batches=args.bn_batches, seed=seed))
                 env = ChannelPruningEnv(evaluator, budget, fill=args.fill)
-                run_path = Path(args.out) / (f"{name}-{budget.tag}-fill{args.fill:g}-final{args.finalists}-seed{seed}-"
+                run_path = Path(args.out) / (f"{name}-{budget.tag}-fill{args.fill:g}-seed{seed}-"
                                              f"{datetime.date.today().isoformat()}")
                 run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
                 started = time.perf_counter()
-                best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes,
-                                                   finalists=args.finalists, finalist_steps=args.finalist_steps),
+                best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
                                seed=seed, progress=True)
                 search_s = time.perf_counter() - started
-                selection_s = best.get("selection_seconds", 0.0)
                 history = run.read_history()
                 warmup_best = max((float(r["accuracy"]) for r in history if str(r["warmup"]) == "True"), default=0.0)
                 timings = dict(evaluator.timings)
@@ -127,22 +113,16 @@ def main() -> int:
                 finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
                 row = {
                     "device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                    "model": name, "budget": budget_text, "fill": args.fill, "finalists": args.finalists,
-                    "finalist_steps": args.finalist_steps, "seed": seed, "search_s": search_s,
-                    "selection_s": selection_s,
+                    "model": name, "budget": budget_text, "fill": args.fill, "seed": seed, "search_s": search_s,
                     "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
                     "val_images": args.val_images, "bn_batches": args.bn_batches, "threads": args.threads,
                     "finetune_epochs": args.finetune_epochs,
                     "command": "python bench/bench_amc.py " + " ".join(sys.argv[1:]),
                     "env_s": env.seconds, "eval_s": evaluator.seconds, "evaluations": evaluator.evaluations,
-                    # of the episodes' time: the final selection is neither agent nor environment
-                    "agent_share": max(0.0, search_s - selection_s - env.seconds) / (search_s - selection_s),
+                    "agent_share": max(0.0, search_s - env.seconds) / search_s,
                     "prune_share": timings["prune"] / search_s, "bn_share": timings["bn_recalibration"] / search_s,
                     "val_share": timings["validation"] / search_s,
                     "best_episode": best["episode"], "best_search_acc": best["accuracy"],
-                    # the finalists come best reward first
-                    "search_best_episode": (best["finalists"][0]["episode"] if best.get("finalists")
-                                            else best["episode"]),
                     "warmup_best_acc": warmup_best,
                     "amc_flops": policy_cost(evaluator.description, best["policy"]).flops / base_flops,
                     "uniform_flops": policy_cost(evaluator.description, uniform).flops / base_flops,
@@ -178,40 +158,35 @@ def main() -> int:
         "validation pass, as shares of the search's wall time.",
         "- *fill*: the share of the budget every episode is steered to use (the environment's lower action bound, "
         "`--fill`); 0 is AMC's upper bound alone.",
-        "- *final.*: finalists, the best distinct policies fine-tuned for `--finalist-steps` SGD steps (200) after the "
-        "search and scored on the whole validation split; the best after that is the AMC policy of the row. 0: the "
-        "search's own best (AMC's). *best ep.* is the chosen policy's episode, with the search's own best in "
-        "brackets when the selection picked another. The *agent* share is of the episodes' time, the selection "
-        "(its seconds in *sel.*) left out.",
         "",
-        "| CPU | model | budget | fill | final. | seed | episodes (warm-up) | search (s) | sel. (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
+        "| CPU | model | budget | fill | seed | episodes (warm-up) | search (s) | agent | prune | BN | val | evaluated | AMC FLOPs | uniform FLOPs | "
         "AMC val | uniform val | margin (pp) | warm-up best | best ep. | AMC test (FT) | uniform test (FT) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {_device(r)}{', ' + r['date'] if 'date' in r else ''} | {r['model']} | {r['budget']} | {_fill(r):g} | {_finalists(r)} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
-            f"{r['search_s']:.0f} | {r.get('selection_s', 0.0):.0f} | {100 * r['agent_share']:.1f} % | "
+            f"| {_device(r)}{', ' + r['date'] if 'date' in r else ''} | {r['model']} | {r['budget']} | {_fill(r):g} | {r['seed']} | {r['episodes']} ({r['warmup_episodes']}) | "
+            f"{r['search_s']:.0f} | {100 * r['agent_share']:.1f} % | "
             f"{100 * r['prune_share']:.1f} % | {100 * r['bn_share']:.1f} % | {100 * r['val_share']:.1f} % | "
             f"{r['evaluations']} | {100 * r['amc_flops']:.1f} % | {100 * r['uniform_flops']:.1f} % | "
             f"{100 * r['amc_val']:.2f} | {100 * r['uniform_val']:.2f} | {100 * (r['amc_val'] - r['uniform_val']):+.2f} | "
-            f"{100 * r['warmup_best_acc']:.2f} | {_episode(r)} | {100 * r['amc_test_ft']:.2f} | "
+            f"{100 * r['warmup_best_acc']:.2f} | {r['best_episode']} | {100 * r['amc_test_ft']:.2f} | "
             f"{100 * r['uniform_test_ft']:.2f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((_device(r), r["model"], r["budget"], _fill(r), _finalists(r)), []).append(r)
-    lines += ["", "| CPU | model | budget | fill | final. | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) (FT "
+        groups.setdefault((_device(r), r["model"], r["budget"], _fill(r)), []).append(r)
+    lines += ["", "| CPU | model | budget | fill | seeds | val margin, mean ± sd (pp) | min | test margin after FT, mean ± sd (pp) (FT "
               "epochs; 0: no fine-tune) | "
-              "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "mean search (s) | mean agent share |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def spread(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
 
-    for (cpu, model, budget, fill, finalists), rs in groups.items():
+    for (cpu, model, budget, fill), rs in groups.items():
         margins = [100 * (r["amc_val"] - r["uniform_val"]) for r in rs]
         test_margins = [100 * (r["amc_test_ft"] - r["uniform_test_ft"]) for r in rs]
-        lines.append(f"| {cpu} | {model} | {budget} | {fill:g} | {finalists} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
+        lines.append(f"| {cpu} | {model} | {budget} | {fill:g} | {len(rs)} | {spread(margins)} | {min(margins):+.2f} | "
                      f"{spread(test_margins)} ({'/'.join(sorted({str(r['finetune_epochs']) for r in rs}))} epochs) | "
                      f"{statistics.mean(r['search_s'] for r in rs):.0f} | "
                      f"{100 * statistics.mean(r['agent_share'] for r in rs):.1f} % |")
