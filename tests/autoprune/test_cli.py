@@ -172,6 +172,31 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 3
 
 
+def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):
+    from envs.channel_pruning import ChannelPruningEnv
+
+    out = tmp_path / "old"
+    code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
+                       *SEARCH_FAST)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["fill"] == 0.95
+    del config["fill"]  # as an earlier autoprune wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "metrics.json").unlink()  # unfinished
+    fills = []
+    real_init = ChannelPruningEnv.__init__
+
+    def recording_init(self, *args, **kwargs):
+        fills.append(kwargs.get("fill"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChannelPruningEnv, "__init__", recording_init)
+    code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 0, err
+    assert fills == [0.0] and (out / "metrics.json").is_file()
+
+
 def test_search_bad_inputs_leave_no_run_directory(checkpoint, tmp_path, capsys):
     (tmp_path / "flat.py").write_text(
         "import torch.nn as nn\n"
