@@ -42,7 +42,7 @@ from envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_core import write_section  # noqa: E402
+from bench_core import read_rows, write_section  # noqa: E402
 
 
 def _fill(row: dict) -> float:
@@ -56,7 +56,7 @@ def _device(row: dict) -> str:
 
 def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
     model = evaluator.prune(policy)
-    train(model, evaluator.data, config, progress=False)
+    train(model, evaluator.data, config, progress=False, eval_split="")
     return evaluate(model, evaluator.data, "test")["accuracy"]
 
 
@@ -84,7 +84,7 @@ def main() -> int:
     rows_file.parent.mkdir(parents=True, exist_ok=True)
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint) or {"resnet20": str(DEFAULT_CHECKPOINT)}
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    rows = read_rows(rows_file)
     device = this_device()
     done = {(_device(r), r["model"], r["budget"], _fill(r), r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
@@ -136,7 +136,7 @@ def main() -> int:
                     fh.write(json.dumps(row) + "\n")
                 print(row, flush=True)
     if rows_file.is_file():  # rows measured by parallel invocations count too
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+        rows = read_rows(rows_file)
     rows.sort(key=lambda r: (r.get("date", ""), _device(r), r["model"], r["budget"], _fill(r), r["seed"]))
 
     commands = sorted({r["command"] for r in rows})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import random
 import statistics
@@ -49,6 +50,11 @@ def replace_section(text: str, name: str, body: str) -> str:
         after = text.split(end, 1)[1]
         return before + block + after
     return text.rstrip() + "\n\n" + block + "\n"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines results file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def write_section(name: str, body: str) -> None:

@@ -29,7 +29,7 @@ from autoprune.pruning import describe_network
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_core import write_section  # noqa: E402
+from bench_core import read_rows, write_section  # noqa: E402
 
 
 def main() -> int:
@@ -72,7 +72,7 @@ def main() -> int:
                      "result": str(result_path.relative_to(ROOT))})
         print(rows[-1])
     rows_file = Path(args.rows)
-    kept = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    kept = read_rows(rows_file)
     kept = [r for r in kept if (r["device"], r["backend"]) not in {(n["device"], n["backend"]) for n in rows}]
     rows = kept + rows
     rows_file.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ from envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_core import write_section  # noqa: E402
+from bench_amc import finetuned_test_accuracy  # noqa: E402
+from bench_core import read_rows, write_section  # noqa: E402
 
 STEPS = (20, 50, 200)
 
@@ -72,9 +73,7 @@ def measure(evaluator: PolicyEvaluator, policy: dict, seed: int) -> dict:
         train(model, data, TrainConfig(epochs=1, batch_size=64, lr=0.01, seed=seed, max_steps_per_epoch=steps),
               progress=False, eval_split="")
         row[f"val_{steps}"] = evaluate(model, data, "val")["accuracy"]
-    model = evaluator.prune(policy)
-    train(model, data, TrainConfig(epochs=1, lr=0.01, seed=seed), progress=False, eval_split="")
-    row["test_ft"] = evaluate(model, data, "test")["accuracy"]
+    row["test_ft"] = finetuned_test_accuracy(evaluator, policy, TrainConfig(epochs=1, lr=0.01, seed=seed))
     return row
 
 
@@ -95,16 +94,13 @@ def main() -> int:
     rows_file.parent.mkdir(parents=True, exist_ok=True)
     device = this_device()
 
-    def load_rows() -> list[dict]:
-        return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-
     if not args.report:
         model, meta = load_model(str(DEFAULT_CHECKPOINT))
         data = load_data(meta.get("data", "fashion-mnist"))
         evaluator = PolicyEvaluator(model, data, EvaluatorConfig(seed=args.seed))
         base_flops = policy_cost(evaluator.description, {}).flops
         index, shards = (int(part) for part in args.shard.split("/"))
-        done = {(r["device"], r["budget"], r["label"]) for r in load_rows()}
+        done = {(r["device"], r["budget"], r["label"]) for r in read_rows(rows_file)}
         for label, policy in candidates(evaluator, args.budget, args.policies, args.seed, args.policy)[index::shards]:
             if (device, args.budget, label) in done:
                 continue
@@ -115,7 +111,7 @@ def main() -> int:
                 fh.write(json.dumps(row) + "\n")
             print(row, flush=True)
 
-    rows = load_rows()
+    rows = read_rows(rows_file)
     lines = ["## Which score predicts accuracy after fine-tuning", "",
              "By `python bench/bench_proxy.py --shard I/2 --threads 1 --policy LABEL=FILE ...` (one shard per core; "
              "the *amc-seedN* policies are the best policies of the `bench_amc.py` searches at this budget with the "
