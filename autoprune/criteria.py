@@ -9,9 +9,9 @@ with `needs`, and `collect_evidence` runs the batches once.
 Per-layer scores are divided by their mean before they are summed over a group's
 producers, so that in a residual stage no single layer dominates the choice.
 
-Selection beyond ranking (ThiNet's greedy reconstruction, least-squares refitting of
-the next layer) belongs in `select_channels`'s place: a function from evidence and a
-channel count to kept indices.
+A group's scores rank its channels once (`autoprune.pruning.rank_channels`); keeping k
+channels keeps the best k of that ranking, which is what makes a policy's cost known
+before anything is pruned.
 """
 
 from __future__ import annotations
@@ -22,18 +22,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from autoprune.costs import NetworkDescription
+from autoprune.costs import LayerSpec, NetworkDescription
 from autoprune.errors import AutopruneError
 
 
 @dataclass
 class GroupEvidence:
-    """What a criterion may look at for one group; every tensor has the group's channels first."""
+    """What a criterion may look at for one group.
+
+    Each tensor belongs to one layer and has that layer's rows first; the `*_at` list
+    beside it says which of the group's channels each row is (a branch of a
+    concatenation holds only some of them).
+    """
 
     weights: list[torch.Tensor] = field(default_factory=list)  # producer weights, out-channel first
     grads: list[torch.Tensor] = field(default_factory=list)  # their accumulated gradients (Taylor)
-    bn_scales: list[torch.Tensor] = field(default_factory=list)  # BatchNorm gammas of the channels
-    zero_fractions: list[torch.Tensor] = field(default_factory=list)  # post-ReLU zero fraction (APoZ)
+    weights_at: list[torch.Tensor] = field(default_factory=list)  # group channel of each weight row
+    bn_scales: list[torch.Tensor] = field(default_factory=list)  # normalisation scales (gamma) of the channels
+    bn_scales_at: list[torch.Tensor] = field(default_factory=list)
+    zero_fractions: list[torch.Tensor] = field(default_factory=list)  # post-activation zero fraction (APoZ)
+    zero_fractions_at: list[torch.Tensor] = field(default_factory=list)
     channels: int = 0
 
 
@@ -41,13 +49,14 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _combine(parts: Iterable[torch.Tensor], channels: int, name: str) -> torch.Tensor:
+def _combine(parts: Iterable[torch.Tensor], where: Iterable[torch.Tensor], channels: int, name: str) -> torch.Tensor:
+    """Sum per-layer scores (each divided by its mean) into the group's channels."""
     total = torch.zeros(channels, dtype=torch.float64)
     used = 0
-    for part in parts:
+    for part, at in zip(parts, where):
         part = part.detach().double()
         mean = part.abs().mean()
-        total += part / mean if mean > 0 else part
+        total.index_add_(0, at, part / mean if mean > 0 else part)
         used += 1
     if used == 0:
         raise AutopruneError(f"criterion {name} has nothing to score for this group")
@@ -56,19 +65,23 @@ def _combine(parts: Iterable[torch.Tensor], channels: int, name: str) -> torch.T
 
 def l1(evidence: GroupEvidence) -> torch.Tensor:
     """Sum of absolute filter weights (Li et al., 2017)."""
-    return _combine((_per_channel(w).abs().sum(1) for w in evidence.weights), evidence.channels, "l1")
+    return _combine((_per_channel(w).abs().sum(1) for w in evidence.weights), evidence.weights_at,
+                    evidence.channels, "l1")
 
 
 def l2(evidence: GroupEvidence) -> torch.Tensor:
     """Euclidean norm of each filter (the criterion NetAdapt uses)."""
-    return _combine((_per_channel(w).norm(dim=1) for w in evidence.weights), evidence.channels, "l2")
+    return _combine((_per_channel(w).norm(dim=1) for w in evidence.weights), evidence.weights_at,
+                    evidence.channels, "l2")
 
 
 def bn_scale(evidence: GroupEvidence) -> torch.Tensor:
-    """|gamma| of the BatchNorm after the channel (network slimming, Liu et al., 2017)."""
-    if not evidence.bn_scales:
-        raise AutopruneError("criterion bn_scale needs a BatchNorm after every pruned layer; use l1")
-    return _combine((s.abs() for s in evidence.bn_scales), evidence.channels, "bn_scale")
+    """|gamma| of the normalisation after the channel (network slimming, Liu et al., 2017)."""
+    covered = set(torch.cat(evidence.bn_scales_at).tolist()) if evidence.bn_scales_at else set()
+    if len(covered) < evidence.channels:
+        raise AutopruneError("criterion bn_scale needs a BatchNorm (or another normalisation with a scale) after "
+                             "every pruned layer; use l1")
+    return _combine((s.abs() for s in evidence.bn_scales), evidence.bn_scales_at, evidence.channels, "bn_scale")
 
 
 def taylor(evidence: GroupEvidence) -> torch.Tensor:
@@ -76,14 +89,15 @@ def taylor(evidence: GroupEvidence) -> torch.Tensor:
     if not evidence.grads:
         raise AutopruneError("criterion taylor needs training batches")
     parts = (_per_channel(w * g).sum(1).abs() for w, g in zip(evidence.weights, evidence.grads))
-    return _combine(parts, evidence.channels, "taylor")
+    return _combine(parts, evidence.weights_at, evidence.channels, "taylor")
 
 
 def apoz(evidence: GroupEvidence) -> torch.Tensor:
     """1 − average percentage of zeros after the activation (Hu et al., 2016)."""
     if not evidence.zero_fractions:
         raise AutopruneError("criterion apoz needs training batches")
-    return _combine((1.0 - z for z in evidence.zero_fractions), evidence.channels, "apoz")
+    return _combine((1.0 - z for z in evidence.zero_fractions), evidence.zero_fractions_at, evidence.channels,
+                    "apoz")
 
 
 class RandomCriterion:
@@ -122,27 +136,40 @@ def needs_of(criterion: Callable) -> frozenset[str]:
     return getattr(criterion, "needs", frozenset())
 
 
+def _row_links(description: NetworkDescription, layer: LayerSpec) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(group, the layer's rows, the group channel of each row) for each output link of a layer."""
+    found = []
+    for link in layer.out_links:
+        if link.per != 1:
+            continue
+        channels = link.channels if link.channels is not None else range(description.group(link.group).channels)
+        rows = link.rows if link.rows is not None else channels
+        found.append((link.group, torch.tensor(list(rows), dtype=torch.long),
+                      torch.tensor(list(channels), dtype=torch.long)))
+    return found
+
+
 def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs: frozenset[str] = frozenset(),
                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, GroupEvidence]:
     """Gather each group's evidence from `model` (not modified), running `batches` if needed."""
     modules = dict(model.named_modules())
     evidence = {g.name: GroupEvidence(channels=g.channels) for g in description.groups}
-    bns = {layer.name: layer.out_group for layer in description.layers
-           if layer.kind == "bn" and layer.out_group is not None}
+    producers = [layer for layer in description.layers if layer.kind in ("conv", "dwconv", "linear")
+                 and layer.out_links]
+    norms = [layer for layer in description.layers if layer.kind in ("bn", "norm") and layer.out_links]
     grads: dict[str, torch.Tensor] = {}
     zero_counts: dict[str, torch.Tensor] = {}
 
     if needs:
         if batches is None:
             raise AutopruneError("this criterion needs training batches (taylor, apoz); pass data")
-        producers = {p for g in description.groups for p in g.producers}
         was_training = model.training
         model.eval()
         handles = []
         seen: dict[str, int] = {}
         if "activations" in needs:
-            # statistics at the BatchNorm outputs (or the producers when a group has none)
-            watch = dict(bns) if bns else {p: g.name for g in description.groups for p in g.producers}
+            # statistics at the normalisation outputs (or the producers when the network has none)
+            watch = [layer.name for layer in (norms or producers)]
 
             def hook_for(name: str):
                 def hook(_module, _inputs, output):
@@ -161,11 +188,11 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
                     if "grads" in needs:
                         loss.backward()
             if "grads" in needs:
-                for name in producers:
-                    weight = modules[name].weight
+                for layer in producers:
+                    weight = modules[layer.name].weight
                     if weight.grad is None:
-                        raise AutopruneError(f"layer {name} got no gradient; is it used in forward()?")
-                    grads[name] = weight.grad.detach().clone()
+                        raise AutopruneError(f"layer {layer.name} got no gradient; is it used in forward()?")
+                    grads[layer.name] = weight.grad.detach().clone()
         finally:
             for handle in handles:
                 handle.remove()
@@ -175,24 +202,25 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
     else:
         zero_fractions = {}
 
-    for g in description.groups:
-        ev = evidence[g.name]
-        for name in g.producers:
-            ev.weights.append(modules[name].weight.detach())
-            if name in grads:
-                ev.grads.append(grads[name])
-            if name in zero_fractions:
-                ev.zero_fractions.append(zero_fractions[name])
-    for name, group in bns.items():
-        bn = modules[name]
-        if getattr(bn, "weight", None) is not None:
-            evidence[group].bn_scales.append(bn.weight.detach())
-        if name in zero_fractions:
-            evidence[group].zero_fractions.append(zero_fractions[name])
+    for layer in producers:
+        weight = modules[layer.name].weight.detach()
+        for group, rows, at in _row_links(description, layer):
+            ev = evidence[group]
+            ev.weights.append(weight[rows])
+            ev.weights_at.append(at)
+            if layer.name in grads:
+                ev.grads.append(grads[layer.name][rows])
+            if layer.name in zero_fractions:
+                ev.zero_fractions.append(zero_fractions[layer.name][rows])
+                ev.zero_fractions_at.append(at)
+    for layer in norms:
+        scale = getattr(modules[layer.name], "weight", None)
+        for group, rows, at in _row_links(description, layer):
+            ev = evidence[group]
+            if scale is not None:
+                ev.bn_scales.append(scale.detach().reshape(-1)[rows])
+                ev.bn_scales_at.append(at)
+            if layer.name in zero_fractions:
+                ev.zero_fractions.append(zero_fractions[layer.name][rows])
+                ev.zero_fractions_at.append(at)
     return evidence
-
-
-def select_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` highest-scoring channels, ascending (ties: lower index wins)."""
-    order = torch.argsort(-scores, stable=True)
-    return torch.sort(order[:keep]).values

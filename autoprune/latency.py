@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprune.costs import LayerSpec, NetworkDescription, layer_channels, policy_channels
+from autoprune.costs import LayerSpec, Link, NetworkDescription, policy_channels
 from autoprune.errors import AutopruneError
 from autoprune.io import atomic_write_json
 
@@ -73,29 +73,35 @@ def _channel_grid(maximum: int, step: int) -> list[int]:
     return sorted(p for p in points if 1 <= p <= maximum)
 
 
-def _reachable_inputs(layer: LayerSpec, grids: Mapping[str, list[int]]) -> list[int]:
-    """Input-channel counts a (non-depthwise) layer can see under any policy."""
-    if not layer.in_groups:
-        return [layer.in_channels]
-    if len(layer.in_groups) == 1:
-        group, per = layer.in_groups[0]
-        return sorted({layer.in_fixed + c * per for c in grids[group]})
-    low = layer.in_fixed + sum(per for _, per in layer.in_groups)
-    step = max(1, (layer.in_channels - low) // 16)
-    return sorted({*range(low, layer.in_channels + 1, step), layer.in_channels})
+def _link_grid(description: NetworkDescription, link: Link, grids: Mapping[str, list[int]]) -> list[int]:
+    return sorted({description.link_kept(link, {link.group: c}) for c in grids[link.group]})
+
+
+def _reachable(description: NetworkDescription, fixed: int, links: tuple[Link, ...], full: int,
+               grids: Mapping[str, list[int]]) -> list[int]:
+    """Channel counts one side of a layer can have under any policy (a grid, when several groups meet)."""
+    if not links:
+        return [full]
+    if len(links) == 1:
+        return sorted({fixed + c for c in _link_grid(description, links[0], grids)})
+    low = fixed + sum(min(_link_grid(description, link, grids)) for link in links)
+    step = max(1, (full - low) // 16)
+    return sorted({*range(low, full + 1, step), full})
 
 
 def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[str, dict]:
     """Signature key -> {"layer": one representative LayerSpec, "in": [...], "out": [...]}."""
-    grids = {g.name: _channel_grid(g.channels, channel_step) for g in description.groups}
+    grids = {g.name: [c for c in _channel_grid(g.channels, channel_step) if c % g.multiple == 0] or [g.channels]
+             for g in description.groups}
     plan: dict[str, dict] = {}
     for layer in description.layers:
         if layer.kind not in TIMED_KINDS:
             continue
         key = signature_key(layer)
-        outs = grids[layer.out_group] if layer.out_group else [layer.out_channels]
+        outs = _reachable(description, layer.out_fixed, layer.out_links, layer.out_channels, grids)
         # a depthwise conv's inputs are its outputs: its grid has the single input axis point 0
-        ins = _reachable_inputs(layer, grids) if layer.kind != "dwconv" else [0]
+        ins = (_reachable(description, layer.in_fixed, layer.in_links, layer.in_channels, grids)
+               if layer.kind != "dwconv" else [0])
         entry = plan.setdefault(key, {"layer": layer, "in": set(), "out": set()})
         entry["in"].update(ins)
         entry["out"].update(outs)
@@ -494,7 +500,7 @@ class LatencyTable:
         total = 0.0
         for layer in description.layers:
             if layer.kind in TIMED_KINDS:
-                cin, cout = layer_channels(layer, kept)
+                cin, cout = description.layer_channels(layer, kept)
                 total += self.layer_ms(layer, cin, cout)
         return total
 

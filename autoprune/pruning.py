@@ -2,7 +2,8 @@
 
 This is the only module that talks to Torch-Pruning (Fang et al., DepGraph, CVPR 2023):
 its dependency graph finds the channels that must go together (a residual stage's add,
-a depthwise conv and its producer) and removes them from the real layers. Everything
+a depthwise conv and its producer, concatenated branches, the parts of a grouped conv)
+and removes them from the real layers. Everything
 else in autoprune speaks in groups (named by their first producing layer) and policies
 (group name -> keep ratio).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -18,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autoprune.costs import (GroupSpec, LayerSpec, NetworkDescription, channels_to_keep, check_policy,
-                             uniform_policy)
-from autoprune.criteria import collect_evidence, get_criterion, needs_of, select_channels
+from autoprune.costs import (GroupSpec, LayerSpec, Link, NetworkDescription, check_policy, count_cost,
+                             policy_channels, policy_cost, uniform_policy)
+from autoprune.criteria import collect_evidence, get_criterion, needs_of
 from autoprune.errors import AutopruneError
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 _CONV = (nn.Conv2d,)
 _LINEAR = (nn.Linear,)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS = _BN + (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -44,6 +47,23 @@ class _Trace:
     in_size: dict[str, tuple[int, int]]
     out_size: dict[str, tuple[int, int]]
     classifier: str | None
+
+
+def _check_output(result, example: torch.Tensor) -> None:
+    """A classifier returns one (N, classes) tensor; say what else this model returned."""
+    if isinstance(result, torch.Tensor):
+        if result.dim() == 2 and result.shape[0] == example.shape[0]:
+            return
+        what = f"a tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, Mapping):
+        what = f"a {type(result).__name__} with keys {', '.join(map(repr, list(result)[:5]))}"
+    elif isinstance(result, (tuple, list)):
+        what = f"a {type(result).__name__} of {len(result)} items"
+    else:
+        what = f"a {type(result).__name__}"
+    raise AutopruneError(f"the model's forward returned {what} for a batch of {example.shape[0]}; autoprune "
+                         "prunes classifiers whose forward returns one tensor of shape (batch, classes) "
+                         "(wrap the model so that it does)")
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
@@ -84,7 +104,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     if reused:
         raise AutopruneError(f"layer(s) {', '.join(reused)} run more than once per forward pass; "
                              "weight sharing is not supported")
-    classifier = outputs.get(id(result)) if isinstance(result, torch.Tensor) else None
+    _check_output(result, example)
+    classifier = outputs.get(id(result))
     if classifier is None:
         modules = dict(model.named_modules())
         heads = [n for n in order if isinstance(modules[n], _CONV + _LINEAR)]
@@ -102,65 +123,234 @@ def _example(input_shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.zeros(1, *input_shape)
 
 
+def _tp_depthwise(m: nn.Module) -> bool:
+    """Torch-Pruning's own test: groups == out_channels (it then prunes inputs and outputs together)."""
+    return isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def _norm_width(m: nn.Module) -> int:
+    """Channels of a per-channel-parameter layer."""
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[-1]
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters
+    return m.num_features
+
+
+def _has_channel_params(m: nn.Module) -> bool:
+    """A normalisation or PReLU layer whose parameters pruning shrinks."""
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters > 1
+    return isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False))
+
+
+def _channel_groups(m: nn.Module) -> int:
+    """Into how many equal parts a layer splits the channels (they must stay equal when pruned)."""
+    if isinstance(m, _CONV) and m.groups > 1 and not _tp_depthwise(m):
+        return m.groups
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups
+    return 1
+
+
+def _prunable_member(name: str, m: nn.Module) -> bool:
+    """Whether Torch-Pruning shrinks this layer of a group correctly (False: keep the group whole);
+    a layer with parameters it does not know is refused."""
+    if isinstance(m, _CONV):
+        # groups == out_channels < in_channels: Torch-Pruning takes it for depthwise and
+        # would remove one input per output, so the group it sits in stays whole
+        return not (_tp_depthwise(m) and m.in_channels != m.out_channels)
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) > 1 and m.elementwise_affine:
+        raise AutopruneError(f"layer {name} (LayerNorm over {tuple(m.normalized_shape)}) normalises several "
+                             "dimensions; only a LayerNorm over the channel dimension can be pruned (use GroupNorm(1, C) "
+                             "for a LayerNorm over channels, height and width)")
+    if isinstance(m, _LINEAR + _NORMS + (nn.PReLU,)) or not any(True for _ in m.parameters(recurse=False)):
+        return True
+    raise AutopruneError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) has parameters in a prunable "
+                         "group, and Torch-Pruning does not know how to prune them; supported are Conv2d, Linear, "
+                         "BatchNorm, GroupNorm, LayerNorm, InstanceNorm and PReLU")
+
+
+def _links(group: str, channels: int, pairs: list[tuple[int, int]], outputs: bool) -> list[Link]:
+    """Links of one layer side to one group, from (layer index, group channel) pairs."""
+    per_channel: dict[int, list[int]] = {}
+    for row, channel in pairs:
+        per_channel.setdefault(channel, []).append(row)
+    by_count: dict[int, list[int]] = {}
+    for channel in sorted(per_channel):
+        by_count.setdefault(len(per_channel[channel]), []).append(channel)
+    links = []
+    for per, covered in sorted(by_count.items()):
+        rows = None
+        if outputs and per == 1:
+            rows = tuple(per_channel[c][0] for c in covered)
+            rows = None if rows == tuple(covered) else rows
+        links.append(Link(group=group, per=per, channels=None if len(covered) == channels else tuple(covered),
+                          rows=rows))
+    return links
+
+
+def _link_size(link: Link, groups: Mapping[str, GroupSpec]) -> int:
+    return link.per * (groups[link.group].channels if link.channels is None else len(link.channels))
+
+
+def _side_width(m: nn.Module, outputs: bool) -> int:
+    if isinstance(m, _CONV):
+        return m.out_channels if outputs else m.in_channels
+    if isinstance(m, _LINEAR):
+        return m.out_features if outputs else m.in_features
+    return _norm_width(m)
+
+
+def _tied_classes(channels: int, tied: Mapping[tuple[str, bool], set[tuple[int, int]]],
+                  modules: Mapping[str, nn.Module]) -> tuple[tuple[int, ...], ...] | None:
+    """Channels of a group that must go together, all classes of one size (None: none tied).
+
+    A grouped convolution or a GroupNorm splits a side into equal parts that must keep
+    the same channels each; the group's channels behind one position in every part form
+    a class. An empty tuple means no consistent split exists (a part lies outside this
+    group, or the classes differ in size): the group stays whole.
+    """
+    if not tied:
+        return None
+    parent = list(range(channels))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for (name, outputs), pairs in tied.items():
+        module = modules[name]
+        parts = _channel_groups(module)
+        size = _side_width(module, outputs) // parts
+        channel_of = dict(pairs)
+        for row, channel in pairs:
+            for part in range(parts):
+                other = channel_of.get(part * size + row % size)
+                if other is None:
+                    return ()
+                parent[find(other)] = find(channel)
+    members: dict[int, list[int]] = {}
+    for c in range(channels):
+        members.setdefault(find(c), []).append(c)
+    classes = tuple(sorted(tuple(m) for m in members.values()))
+    if len({len(m) for m in classes}) != 1:
+        return ()
+    return classes if len(classes[0]) > 1 else None
+
+
+def _consistent(raw: list, modules: Mapping[str, nn.Module]) -> list:
+    """The groups that can be pruned: drop those marked whole, those whose claims on a layer
+    cannot all hold (more channels than it has, a channel claimed twice: Torch-Pruning
+    could not remove them consistently), and those sharing a grouped layer whose other
+    channels stay whole in a count its groups do not divide."""
+    raw = [r for r in raw if not r[-1]]
+    while True:
+        claimed: dict[tuple[str, bool], list[int]] = {}
+        for i, (_, sides, *_rest) in enumerate(raw):
+            for key in sides:
+                claimed.setdefault(key, []).append(i)
+        bad = set()
+        for (name, outputs), owners in claimed.items():
+            rows = [row for i in owners for row, _ in raw[i][1][(name, outputs)]]
+            width = _side_width(modules[name], outputs)
+            if len(set(rows)) != len(rows) or any(not 0 <= r < width for r in rows):
+                bad.update(owners)
+                log.info("channels of %s are kept whole: Torch-Pruning's dependency groups for it do not add up",
+                            name)
+            elif (width - len(rows)) % _channel_groups(modules[name]):
+                bad.update(owners)
+        if not bad:
+            return raw
+        raw = [r for i, r in enumerate(raw) if i not in bad]
+
+
 def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> NetworkDescription:
     """Describe `model` as data: its layers, and its prunable groups in forward order.
 
-    Prunable groups are found by Torch-Pruning's dependency graph. The classifier (the
-    layer producing the model's output) is never pruned.
+    Prunable groups are Torch-Pruning's dependency groups; each layer's sides are linked
+    to the groups (and to the very channels of them) that Torch-Pruning would remove.
+    The classifier (the layer producing the model's output) is never pruned. Groups are
+    ranked in index order; `ChannelPruner` ranks them by its criterion.
     """
     example = _example(input_shape)
     trace = _trace(model, example)
     graph = _build_graph(model, example)
-    ignored = [dict(model.named_modules())[trace.classifier]] if trace.classifier else []
-    names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
+    ignored = [modules[trace.classifier]] if trace.classifier else []
+    names = {m: n for n, m in model.named_modules()}
+    order = trace.order
 
-    raw_groups = []
+    def forward_key(name: str) -> int:
+        return order.get(name, 1 << 30)
+
+    raw = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_CONV + _LINEAR):
-        producers, consumers, bns = [], {}, []
-        for dep, idxs in group:
-            module = dep.target.module
+        root = group[0].dep.target.module
+        channels = len(group[0].idxs)
+        sides: dict[tuple[str, bool], set[tuple[int, int]]] = {}
+        tied: dict[tuple[str, bool], set[tuple[int, int]]] = {}  # sides of layers with channel groups
+        whole = False  # a layer of the group cannot be shrunk: keep all of its channels
+        for item in group.items:
+            module = item.dep.target.module
             if isinstance(module, nn.Parameter):
-                raise AutopruneError("a prunable group touches a bare nn.Parameter; such models are not supported")
+                raise AutopruneError("a prunable group touches a bare nn.Parameter (a parameter used outside a layer); "
+                                     "wrap it in a module or list the layer among those never pruned")
             if module not in names:
                 continue  # Torch-Pruning's own nodes for adds, reshapes and concatenations
             name = names[module]
-            if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _CONV + _LINEAR + _BN):
-                raise AutopruneError(f"layer {name} ({type(module).__name__}) has parameters in a prunable group; "
-                                     "only Conv2d, Linear and BatchNorm layers are supported")
-            if isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module):
-                raise AutopruneError(f"layer {name} is a grouped convolution (groups={module.groups}); only "
-                                     "depthwise and ordinary convolutions can be pruned")
-            if graph.is_out_channel_pruning_fn(dep.handler):
-                if isinstance(module, _CONV + _LINEAR):
-                    producers.append(name)
-                elif isinstance(module, _BN):
-                    bns.append(name)
-            elif graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, _CONV + _LINEAR):
-                consumers[name] = len(idxs)
-        channels = len(group[0].idxs)
-        producers = sorted(set(producers), key=lambda n: trace.order.get(n, 1 << 30))
+            whole = whole or not _prunable_member(name, module)
+            outputs = graph.is_out_channel_pruning_fn(item.dep.handler)
+            if not outputs and not graph.is_in_channel_pruning_fn(item.dep.handler):
+                continue
+            if item.root_idxs is None or any(r is None for r in item.root_idxs):
+                raise AutopruneError(f"layer {name}: Torch-Pruning lost track of which channels it removes there")
+            pairs = set(zip(item.idxs, item.root_idxs))
+            if _channel_groups(module) > 1:
+                tied.setdefault((name, outputs), set()).update(pairs)
+            if isinstance(module, _NORMS + (nn.PReLU,)) and not _has_channel_params(module):
+                continue
+            sides.setdefault((name, outputs), set()).update(pairs)
+        producers = sorted({n for (n, out) in sides if out and isinstance(modules[n], _CONV + _LINEAR)},
+                           key=forward_key)
         if not producers:
             continue
-        raw_groups.append((producers, consumers, bns, channels))
-    raw_groups.sort(key=lambda g: trace.order.get(g[0][0], 1 << 30))
+        classes = _tied_classes(channels, tied, modules)
+        multiple = 1 if classes is None else len(classes[0]) if classes else channels
+        # kept whole: a layer Torch-Pruning cannot shrink, or a structure that allows keeping only all
+        whole = whole or multiple >= channels
+        raw.append((producers, sides, channels, classes if multiple > 1 else None, names[root], whole))
+    raw.sort(key=lambda r: forward_key(r[0][0]))
+    raw = _consistent(raw, modules)
 
-    out_group: dict[str, str] = {}
-    in_groups: dict[str, list[tuple[str, int]]] = {}
-    groups = []
-    for producers, consumers, bns, channels in raw_groups:
-        gname = producers[0]
-        for name in producers + bns:
-            out_group[name] = gname
-        for name, width in consumers.items():
-            if width % channels:
-                raise AutopruneError(f"layer {name} takes {width} inputs from group {gname} of {channels} channels; "
-                                     "this layout is not supported")
-            in_groups.setdefault(name, []).append((gname, width // channels))
-        groups.append(GroupSpec(name=gname, channels=channels, producers=tuple(producers),
-                                consumers=tuple(sorted(consumers, key=lambda n: trace.order.get(n, 1 << 30)))))
+    groups: dict[str, GroupSpec] = {}
+    out_links: dict[str, list[Link]] = {}
+    in_links: dict[str, list[Link]] = {}
+    for producers, sides, channels, classes, root, _ in raw:
+        # named by its first producer; a layer whose outputs several groups share names the
+        # first of them, the others take their next producer
+        gname = next((p for p in producers if p not in groups), f"{producers[0]}/{len(groups)}")
+        consumers = sorted({n for (n, out) in sides if not out and isinstance(modules[n], _CONV + _LINEAR)},
+                           key=forward_key)
+        segments = set()
+        for (name, outputs), pairs in sides.items():
+            links = _links(gname, channels, sorted(pairs), outputs)
+            (out_links if outputs else in_links).setdefault(name, []).extend(links)
+            if outputs and name in producers:
+                segments.update(link.channels for link in links if link.channels is not None)
+        segments = sorted(segments)
+        multiple = len(classes[0]) if classes else 1
+        groups[gname] = GroupSpec(name=gname, channels=channels, producers=tuple(producers),
+                                  consumers=tuple(consumers), root=root, multiple=multiple,
+                                  min_keep=max(1, len(segments)) * multiple, classes=classes,
+                                  order=rank_channels(torch.zeros(channels), classes, segments)
+                                  if segments or classes else None)
 
-    executed = sorted(trace.order, key=trace.order.get)
+    executed = sorted(order, key=order.get)
 
     def post_ops(name: str) -> tuple[str, ...]:
         """BatchNorm and activation executed right after a layer (what a latency unit includes)."""
@@ -178,52 +368,93 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 ops.append("relu")
         return tuple(ops)
 
+    def fixed(name: str, width: int, links: dict[str, list[Link]]) -> tuple[tuple[Link, ...], int]:
+        mine = tuple(links.get(name, ()))
+        rest = width - sum(_link_size(link, groups) for link in mine)
+        if rest < 0:
+            raise AutopruneError(f"layer {name}: Torch-Pruning's groups claim more channels than it has")
+        return mine, rest
+
     layers = []
-    for name in sorted(modules, key=lambda n: trace.order.get(n, 1 << 30)):
+    for name in sorted(modules, key=forward_key):
         m = modules[name]
         if list(m.children()):
             continue
         params = sum(p.numel() for p in m.parameters(recurse=False))
         if isinstance(m, _CONV):
-            if name not in trace.order:
+            if name not in order:
                 raise AutopruneError(f"layer {name} is not used in forward(); remove it before pruning")
             kind = "dwconv" if _is_depthwise(m) else "conv"
-            ins = in_groups.get(name, [])
-            in_fixed = m.in_channels - sum(_group_channels(groups, g) * per for g, per in ins)
+            outs, out_fixed = fixed(name, m.out_channels, out_links)
+            ins, in_fixed = fixed(name, m.in_channels, in_links) if kind == "conv" else ((), 0)
             layers.append(LayerSpec(
                 name=name, kind=kind, in_channels=m.in_channels, out_channels=m.out_channels,
                 kernel=_pair(m.kernel_size), stride=_pair(m.stride), groups=m.groups,
                 in_size=trace.in_size[name], out_size=trace.out_size[name], bias=m.bias is not None,
-                out_group=out_group.get(name), in_groups=tuple(ins) if kind == "conv" else (),
-                in_fixed=in_fixed if kind == "conv" else 0, post=post_ops(name)))
+                out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed, post=post_ops(name)))
         elif isinstance(m, _LINEAR):
-            ins = in_groups.get(name, [])
-            in_fixed = m.in_features - sum(_group_channels(groups, g) * per for g, per in ins)
+            outs, out_fixed = fixed(name, m.out_features, out_links)
+            ins, in_fixed = fixed(name, m.in_features, in_links)
             layers.append(LayerSpec(
                 name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
-                bias=m.bias is not None, out_group=out_group.get(name), in_groups=tuple(ins), in_fixed=in_fixed,
-                post=post_ops(name) if name in trace.order else ()))
-        elif isinstance(m, _BN) and m.affine:
-            layers.append(LayerSpec(name=name, kind="bn", in_channels=m.num_features, out_channels=m.num_features,
-                                    out_group=out_group.get(name)))
+                bias=m.bias is not None, out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed,
+                post=post_ops(name) if name in order else ()))
+        elif _has_channel_params(m) and params == (1 + int(getattr(m, "bias", None) is not None)) * _norm_width(m):
+            width = _norm_width(m)
+            outs, out_fixed = fixed(name, width, out_links)
+            layers.append(LayerSpec(name=name, kind="bn" if isinstance(m, _BN) else "norm", in_channels=width,
+                                    out_channels=width, bias=getattr(m, "bias", None) is not None,
+                                    out_links=outs, out_fixed=out_fixed))
         elif params:
+            if name in out_links:
+                raise AutopruneError(f"layer {name} ({type(m).__name__}) has parameters of a shape that pruning "
+                                     "cannot follow")
             layers.append(LayerSpec(name=name, kind="other", in_channels=0, out_channels=0, fixed_params=params))
-    return NetworkDescription(input_shape=tuple(input_shape), layers=tuple(layers), groups=tuple(groups))
+    return NetworkDescription(input_shape=tuple(input_shape), layers=tuple(layers), groups=tuple(groups.values()))
 
 
-def _group_channels(groups: list[GroupSpec], name: str) -> int:
-    for g in groups:
-        if g.name == name:
-            return g.channels
-    raise KeyError(name)
+def rank_channels(scores: torch.Tensor, classes: Iterable[tuple[int, ...]] | None = None,
+                  segments: Iterable[Iterable[int]] = ()) -> tuple[int, ...]:
+    """A group's channels, best first, whole classes at a time (channels a grouped layer ties
+    together, `GroupSpec.classes`; None: every channel alone).
+
+    A class scores the mean of its channels' scores, as Torch-Pruning's own pruners rank
+    grouped layers; ties keep the lower index. The best class of each segment (the
+    channels of one concatenated branch) comes first, so that keeping `GroupSpec.min_keep`
+    channels or more never empties a branch.
+    """
+    classes = list(classes) if classes else [(c,) for c in range(scores.numel())]
+    class_scores = torch.stack([scores[list(c)].double().mean() for c in classes])
+    ranked = torch.argsort(-class_scores, stable=True).tolist()
+    rank = {k: i for i, k in enumerate(ranked)}
+    home = {c: k for k, members in enumerate(classes) for c in members}
+    first: list[int] = []
+    for segment in segments:
+        touching = {home[c] for c in segment}
+        if not touching & set(first):
+            first.append(min(touching, key=rank.__getitem__))
+    first.sort(key=rank.__getitem__)
+    ranked = first + [k for k in ranked if k not in set(first)]
+    return tuple(c for k in ranked for c in classes[k])
+
+
+def _segments(description: NetworkDescription, group: str) -> list[tuple[int, ...]]:
+    """The channels of a group that each of its partial producers carries."""
+    found = set()
+    for layer in description.layers:
+        if layer.kind in ("conv", "dwconv", "linear"):
+            found.update(link.channels for link in layer.out_links
+                         if link.group == group and link.channels is not None)
+    return sorted(found)
 
 
 class ChannelPruner:
     """Prunes copies of one base model by policies.
 
-    Channel scores are computed once, on the base model, so a policy always removes the
-    same channels whatever else was pruned before (replaying a policy gives the same
-    network) and the search pays for scoring only once.
+    Channel scores are computed once, on the base model, and rank each group's channels
+    (`description` carries that ranking), so a policy always removes the same channels
+    whatever else was pruned before (replaying a policy gives the same network), the
+    cost of a policy is known before pruning, and the search pays for scoring only once.
 
     Args:
         model: the trained base model (never modified).
@@ -241,20 +472,50 @@ class ChannelPruner:
         self.input_shape = tuple(input_shape)
         self.criterion = criterion
         self.channel_multiple = channel_multiple
-        self.description = describe_network(model, self.input_shape)
+        description = describe_network(model, self.input_shape)
+        if not description.groups:
+            raise AutopruneError("this model has no prunable layer: every convolution and linear layer is the "
+                                 "classifier, or its channels cannot be removed without breaking the network")
         score = get_criterion(criterion, seed)
-        evidence = collect_evidence(copy.deepcopy(model), self.description, needs=needs_of(score), batches=batches)
+        evidence = collect_evidence(copy.deepcopy(model), description, needs=needs_of(score), batches=batches)
         self.scores = {name: score(ev) for name, ev in evidence.items()}
+        self.description = description.with_orders(
+            {g.name: rank_channels(self.scores[g.name], g.classes, _segments(description, g.name))
+             for g in description.groups})
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Prune every group to its minimum once and compare with the prediction; a group that
+        Torch-Pruning cannot remove consistently (the network breaks, or the count differs)
+        is kept whole, and the log says which."""
+        def works(names: list[str]) -> bool:
+            policy = {name: 1e-9 for name in names}
+            try:
+                pruned = self.prune(policy)
+            except AutopruneError:
+                return False
+            predicted = policy_cost(self.description, policy, self.channel_multiple)
+            return count_cost(describe_network(pruned, self.input_shape)) == predicted
+
+        names = self.description.group_names
+        if works(names):
+            return
+        broken = {name for name in names if not works([name])}
+        for name in sorted(broken):
+            log.warning("group %s is kept whole: Torch-Pruning cannot prune it consistently in this model", name)
+        self.description = self.description.without_groups(broken)
+        self.scores = {name: s for name, s in self.scores.items() if name not in broken}
+        if not self.description.groups:
+            raise AutopruneError("this model has no channels Torch-Pruning can prune consistently")
 
     @property
     def groups(self) -> tuple[GroupSpec, ...]:
         return self.description.groups
 
     def kept_indices(self, policy: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        """Indices of the channels each group keeps under `policy`."""
-        full = check_policy(self.description, policy)
-        return {g.name: select_channels(self.scores[g.name], channels_to_keep(g.channels, full[g.name],
-                                                                              self.channel_multiple))
+        """Indices of the channels each group keeps under `policy` (the best of its ranking)."""
+        kept = policy_channels(self.description, policy, self.channel_multiple)
+        return {g.name: torch.tensor(sorted(g.ranked()[:kept[g.name]]), dtype=torch.long)
                 for g in self.description.groups}
 
     def prune(self, policy: Mapping[str, float]) -> nn.Module:
@@ -262,17 +523,29 @@ class ChannelPruner:
         kept = self.kept_indices(policy)
         model = copy.deepcopy(self.model)
         model.eval()
-        graph = _build_graph(model, _example(self.input_shape))
+        example = _example(self.input_shape)
+        with torch.no_grad():
+            expected = tuple(model(example).shape)
+        graph = _build_graph(model, example)
         modules = dict(model.named_modules())
         for g in self.description.groups:
             keep = set(kept[g.name].tolist())
             remove = [i for i in range(g.channels) if i not in keep]
             if not remove:
                 continue
-            root = modules[g.name]
+            root = modules[g.root or g.name]
             handler = graph.get_pruner_of_module(root).prune_out_channels
             group = graph.get_pruning_group(root, handler, remove)
             group.prune(record_history=False)
+        try:
+            with torch.no_grad():
+                got = tuple(model(example).shape)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise AutopruneError(f"the pruned network no longer runs ({first}); Torch-Pruning cannot prune this "
+                                 "architecture consistently") from None
+        if got != expected:
+            raise AutopruneError(f"the pruned network returns shape {got}, the base model {expected}")
         model.autoprune_policy = {k: float(v) for k, v in check_policy(self.description, policy).items()}
         if hasattr(model, "autoprune_config"):
             del model.autoprune_config  # the zoo constructor no longer describes this network

@@ -64,7 +64,7 @@ def test_built_table_is_complete_readable_and_described(tiny_lut):
 
 def test_lookup_interpolates_between_grid_points_and_refuses_outside(tiny_lut):
     _, description, _, table = tiny_lut
-    layer = next(layer for layer in description.layers if layer.kind == "conv" and layer.in_groups)
+    layer = next(layer for layer in description.layers if layer.kind == "conv" and layer.in_links)
     entry = table.data["entries"][signature_key(layer)]
     assert entry["in"] == [1, 4, 8] and entry["out"] == [1, 4, 8]
     ms = table._net_grid(signature_key(layer), layer, entry)  # entries less the per-call overhead

@@ -1,0 +1,181 @@
+"""Small networks assembled from everyday CNN blocks, fixed or drawn at random.
+
+The cost model must be exact on any architecture Torch-Pruning can prune, not only on
+the zoo: these blocks are the shapes users bring (concatenated branches, grouped and
+depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
+other than BatchNorm, assorted activations). `random_net(seed)` draws a network from
+them for the property tests.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn as nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
+NORMS = ("bn", "gn", "in", "ln", "none")
+
+
+def norm(kind: str, channels: int) -> nn.Module:
+    """A normalisation layer over `channels` feature maps."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(2 if channels % 2 == 0 else 1, channels)
+    if kind == "in":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "ln":
+        return nn.GroupNorm(1, channels)  # LayerNorm over (C, H, W), as CNNs write it
+    return nn.Identity()
+
+
+def conv_unit(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, norm_kind: str = "bn",
+              act: str = "relu", bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias),
+                         norm(norm_kind, cout), ACTIVATIONS[act]())
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int, act: str = "relu"):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.act = ACTIVATIONS[act]()
+        self.expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+class ConcatBlock(nn.Module):
+    """Two branches of `split` and `channels - split` maps, concatenated, optionally
+    squeeze-excited, added to the block's input."""
+
+    def __init__(self, channels: int, split: int, norm_kind: str, act: str, se: bool):
+        super().__init__()
+        self.a = conv_unit(channels, split, 3, norm_kind=norm_kind, act=act)
+        self.b = conv_unit(channels, channels - split, 1, norm_kind=norm_kind, act=act)
+        self.se = SqueezeExcite(channels, max(2, channels // 4), act) if se else nn.Identity()
+
+    def forward(self, x):
+        return x + self.se(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class GroupedBlock(nn.Module):
+    """ResNeXt's bottleneck: 1×1, grouped 3×3, 1×1, residual add."""
+
+    def __init__(self, channels: int, width: int, groups: int, norm_kind: str, act: str):
+        super().__init__()
+        self.reduce = conv_unit(channels, width, 1, norm_kind=norm_kind, act=act)
+        self.grouped = conv_unit(width, width, 3, groups=groups, norm_kind=norm_kind, act=act)
+        self.expand = nn.Sequential(nn.Conv2d(width, channels, 1, bias=False), norm(norm_kind, channels))
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, x):
+        return self.act(x + self.expand(self.grouped(self.reduce(x))))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, norm_kind: str, act: str):
+        super().__init__()
+        self.body = nn.Sequential(conv_unit(channels, channels, 3, norm_kind=norm_kind, act=act),
+                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm(norm_kind, channels))
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+class SeparableDown(nn.Module):
+    """Depthwise (optionally with a channel multiplier) then pointwise, stride 2."""
+
+    def __init__(self, cin: int, cout: int, multiplier: int, norm_kind: str, act: str):
+        super().__init__()
+        self.depthwise = conv_unit(cin, cin * multiplier, 3, 2, groups=cin, norm_kind=norm_kind, act=act)
+        self.pointwise = conv_unit(cin * multiplier, cout, 1, norm_kind=norm_kind, act=act)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
+
+
+class Net(nn.Module):
+    """stem → blocks → head; `head` is "pool" (global pooling, one linear), "mlp" (pooling, a
+    hidden linear with LayerNorm and dropout) or "flatten" (flatten into two linears)."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], features: int, head: str, spatial: int,
+                 num_classes: int = 10, act: str = "relu"):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        if head == "pool":
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, num_classes))
+        elif head == "mlp":
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, 24),
+                                      nn.LayerNorm(24), ACTIVATIONS[act](), nn.Dropout(0.1),
+                                      nn.Linear(24, num_classes))
+        else:
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(spatial), nn.Flatten(),
+                                      nn.Linear(features * spatial * spatial, 32), ACTIVATIONS[act](),
+                                      nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def concat_se_net(in_channels: int = 1) -> Net:
+    """The shape of the issue's user model: a stem, concatenating blocks with SE added to the input,
+    a depthwise + pointwise downsampling, a linear head."""
+    blocks = [ConcatBlock(16, 8, "bn", "relu", se=True), ConcatBlock(16, 8, "bn", "relu", se=True),
+              SeparableDown(16, 32, 1, "bn", "relu"), ConcatBlock(32, 12, "bn", "relu", se=True)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 32, "pool", 1)
+
+
+def resnext_net(in_channels: int = 1) -> Net:
+    blocks = [GroupedBlock(32, 16, 4, "bn", "relu"), GroupedBlock(32, 16, 4, "bn", "relu")]
+    return Net(conv_unit(in_channels, 32, 3, 2), blocks, 32, "pool", 1)
+
+
+def groupnorm_net(in_channels: int = 1) -> Net:
+    blocks = [ResidualBlock(16, "gn", "silu"), SeparableDown(16, 24, 1, "gn", "silu"),
+              ConcatBlock(24, 10, "gn", "silu", se=False)]
+    return Net(conv_unit(in_channels, 16, 3, norm_kind="gn", act="silu"), blocks, 24, "mlp", 1, act="silu")
+
+
+def multiplier_net(in_channels: int = 1) -> Net:
+    """A depthwise stem with a channel multiplier of 2 (groups = input channels)."""
+    blocks = [SeparableDown(8, 16, 2, "bn", "hardswish"), ResidualBlock(16, "in", "hardswish")]
+    return Net(conv_unit(in_channels, 8, 3, act="hardswish"), blocks, 16, "flatten", 2, act="hardswish")
+
+
+FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
+         "multiplier": multiplier_net}
+
+
+def random_net(seed: int, in_channels: int = 1) -> Net:
+    """A network of two to four random blocks, random widths, norms, activations and head."""
+    rng = random.Random(seed)
+    act = rng.choice(list(ACTIVATIONS))
+    norm_kind = rng.choice(NORMS)
+    width = rng.choice([8, 12, 16])
+    stem = conv_unit(in_channels, width, 3, rng.choice([1, 2]), norm_kind=norm_kind, act=act)
+    blocks: list[nn.Module] = []
+    downs = 0
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.choice(["residual", "concat", "grouped", "separable"])
+        if kind == "residual":
+            blocks.append(ResidualBlock(width, norm_kind, act))
+        elif kind == "concat":
+            blocks.append(ConcatBlock(width, rng.randint(2, width - 2), norm_kind, act, se=rng.random() < 0.5))
+        elif kind == "grouped":
+            groups = rng.choice([2, 4])
+            blocks.append(GroupedBlock(width, groups * rng.choice([2, 3, 4]), groups, norm_kind, act))
+        elif downs < 2:
+            out = width + rng.choice([4, 8])
+            blocks.append(SeparableDown(width, out, rng.choice([1, 1, 2]), norm_kind, act))
+            width, downs = out, downs + 1
+        else:
+            blocks.append(ResidualBlock(width, norm_kind, act))
+    return Net(stem, blocks, width, rng.choice(["pool", "mlp", "flatten"]), 2, act=act)
