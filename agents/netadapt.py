@@ -41,12 +41,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from autoprune.budgets import Budget, check_reachable, resource_value
-from autoprune.costs import channels_to_keep, count_cost
+from autoprune.costs import GroupSpec, count_cost, group_choices
 from autoprune.data import DataBundle
 from autoprune.errors import AutopruneError
-from autoprune.evaluation import PolicyEvaluator, criterion_batches
+from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_torch_save, atomic_write_json, model_from_bytes, model_to_bytes
-from autoprune.pruning import ChannelPruner
+from autoprune.pruning import cut_group
 from autoprune.report import LatencyWorker
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
@@ -107,6 +107,7 @@ class ProposalTask:
     group: str
     channels_before: int
     channels_after: int
+    spec: GroupSpec  # the group in the base model's description (its ranking decides which channels go)
     settings: ProposalSettings
     seed: int  # short-term fine-tune seed (the same for every proposal of an iteration)
 
@@ -122,23 +123,18 @@ class ProposalResult:
     seconds: dict[str, float]  # wall time per phase: prune, short_term_finetune, bn_recalibration, validation
 
 
-def prune_group(model: nn.Module, group: str, channels_after: int, settings: ProposalSettings,
-                data: DataBundle | None = None) -> nn.Module:
-    """A copy of `model` with `group` cut to exactly `channels_after` channels (criterion on its weights)."""
-    pruner = ChannelPruner(model, settings.input_shape, criterion=settings.criterion,
-                           batches=criterion_batches(data, settings.criterion, settings.evaluator_seed)
-                           if data is not None else None,
-                           channel_multiple=settings.channel_multiple, seed=settings.evaluator_seed)
-    channels_before = pruner.description.group(group).channels
-    keep_ratio = channels_after / channels_before
-    if channels_to_keep(channels_before, keep_ratio, settings.channel_multiple) != channels_after:
-        raise AutopruneError(f"cannot cut group {group} from {channels_before} to {channels_after} channels "
-                             f"with channel multiple {settings.channel_multiple}")
-    pruned = pruner.prune({group: keep_ratio})
-    produced = dict(pruned.named_modules())[group].weight.shape[0]
-    if produced != channels_after:
-        raise AutopruneError(f"pruning group {group} left {produced} channels instead of {channels_after}")
-    return pruned
+def prune_group(model: nn.Module, task: ProposalTask) -> nn.Module:
+    """A copy of the current network with the task's group cut to exactly `channels_after` channels.
+
+    The channels go in the order the group was ranked once on the base model, so the
+    network is always the base model pruned by the search's channel counts and its cost
+    is exactly what the search booked (also where branches share a group unevenly).
+    """
+    spec = task.spec
+    if spec.name != task.group or not 0 < task.channels_after < task.channels_before <= spec.channels:
+        raise AutopruneError(f"cannot cut group {task.group} from {task.channels_before} to "
+                             f"{task.channels_after} channels")
+    return cut_group(model, task.settings.input_shape, spec, task.channels_before, task.channels_after)
 
 
 def evaluate_proposal(task: ProposalTask, data: DataBundle) -> ProposalResult:
@@ -149,7 +145,7 @@ def evaluate_proposal(task: ProposalTask, data: DataBundle) -> ProposalResult:
     """
     settings = task.settings
     started = time.perf_counter()
-    model = prune_group(model_from_bytes(task.model), task.group, task.channels_after, settings, data)
+    model = prune_group(model_from_bytes(task.model), task)
     pruned = time.perf_counter()
     if settings.short_term_steps > 0:
         train(model, data, TrainConfig(epochs=1, batch_size=settings.short_term_batch_size, lr=settings.short_term_lr,
@@ -240,8 +236,11 @@ class _Search:
             lut.check_model(self.description)
         self.groups = self.description.group_names
         self.base_channels = {g.name: g.channels for g in self.description.groups}
-        self.floors = {g.name: minimum_channels(g.channels, config.lower_bound, self.multiple)
-                       for g in self.description.groups}
+        # the counts each group may keep, from its floor up (its structure and the channel multiple)
+        self.choices = {g.name: [c for c in group_choices(g, self.multiple)
+                                 if c >= minimum_channels(g.channels, config.lower_bound, 1)]
+                        or [g.channels] for g in self.description.groups}
+        self.floors = {name: choices[0] for name, choices in self.choices.items()}
         self.base_value = self.value(self.base_channels)
         self.limit = budget.limit(self.base_value)
         self.base_cost = count_cost(self.description)
@@ -269,15 +268,12 @@ class _Search:
         A downward scan rather than a bisection: a measured latency table need not be
         monotone in the channel count, and the scan returns the largest fitting count anyway.
         """
-        current, floor, multiple = kept[group], self.floors[group], self.multiple
         trial = dict(kept)
-        count = (current - 1) // multiple * multiple
-        while count >= floor:
+        for count in reversed([c for c in self.choices[group] if c < kept[group]]):
             trial[group] = count
             value = self.value(trial)
             if _fits(value, target):
                 return count, value
-            count -= multiple
         return None
 
     def proposals(self, kept: Mapping[str, int], target: float) -> list[tuple[str, int, float]]:
@@ -511,7 +507,8 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
             target, step, candidates = planned
             current, fine_tune_seed = model_to_bytes(model), iteration_seed(seed, iteration)
             tasks = [ProposalTask(model=current, group=group, channels_before=kept[group], channels_after=count,
-                                  settings=settings, seed=fine_tune_seed) for group, count, _ in candidates]
+                                  spec=search.description.group(group), settings=settings, seed=fine_tune_seed)
+                     for group, count, _ in candidates]
             results = _score(executor, tasks, evaluator.data, f"iteration {iteration + 1}", progress)
             for result in results:
                 for phase, spent in result.seconds.items():

@@ -173,18 +173,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from autoprune.costs import count_cost, format_count, policy_cost
+    from autoprune.costs import count_cost, format_count, policy_cost, policy_rounding
     from autoprune.evaluation import criterion_batches
     from autoprune.export import export_onnx, save_pruned_model
     from autoprune.io import atomic_write_json
     from autoprune.pruning import ChannelPruner, describe_network, parse_policy
-    from autoprune.train import evaluate, recalibrate_bn
+    from autoprune.train import evaluate, recalibrate_bn, recalibration_note
 
     model, meta, data = _model_and_data(args)
     shape = data.input_shape
-    description = describe_network(model, shape)
-    if not description.groups:
-        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
+    pruner = ChannelPruner(model, shape, criterion=args.criterion,
+                           batches=criterion_batches(data, args.criterion, args.seed),
+                           channel_multiple=args.channel_multiple, seed=args.seed)
+    description = pruner.description  # ranked by the criterion: it says which branch keeps what
     policy = parse_policy(args.policy, description)
     table = None
     if args.lut:
@@ -198,9 +199,6 @@ def cmd_prune(args) -> int:
 
         budget = parse_budget(args.budget)
         budget_check = check_budget(budget, description, policy, table, args.channel_multiple)
-    pruner = ChannelPruner(model, shape, criterion=args.criterion,
-                           batches=criterion_batches(data, args.criterion, args.seed),
-                           channel_multiple=args.channel_multiple, seed=args.seed)
     base = count_cost(description)
     predicted = policy_cost(description, policy, args.channel_multiple)
     before = evaluate(model, data, "val")["accuracy"]
@@ -214,9 +212,11 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     metrics = {"policy": policy, "criterion": args.criterion, "channel_multiple": args.channel_multiple,
                "base_flops": base.flops, "base_params": base.params, "flops": counted.flops,
-               "params": counted.params, "predicted_flops": predicted.flops,
+               "params": counted.params, "predicted_flops": predicted.flops, "predicted_params": predicted.params,
+               "rounded": policy_rounding(description, policy, args.channel_multiple),
                "val_accuracy_base": before, "val_accuracy_pruned": after_raw,
-               "val_accuracy_recalibrated": after, "test_accuracy_recalibrated": test, "data": data.name}
+               "val_accuracy_recalibrated": after, "test_accuracy_recalibrated": test, "data": data.name,
+               "recalibration_note": recalibration_note(pruned)}
     if table is not None:
         metrics["lut_latency_ms_base"] = table.predict_ms(description)
         metrics["lut_latency_ms"] = table.predict_policy_ms(description, policy, args.channel_multiple)
@@ -237,8 +237,13 @@ def cmd_prune(args) -> int:
     print(f"FLOPs (MACs) {format_count(base.flops)} -> {format_count(counted.flops)} "
           f"({100 * counted.flops / base.flops:.1f} %), params {format_count(base.params)} -> "
           f"{format_count(counted.params)} ({100 * counted.params / base.params:.1f} %)")
+    for name, r in metrics["rounded"].items():
+        print(f"group {name}: keep ratio {r['keep_ratio']:.3g} rounded to {r['kept']} of {r['channels']} channels "
+              f"(its grouped layers keep multiples of {r['multiple']})")
     print(f"validation accuracy {before:.4f} -> {after_raw:.4f} pruned -> {after:.4f} after BN recalibration "
           f"({args.bn_batches} batches); test {test:.4f} (no fine-tuning)")
+    if metrics["recalibration_note"]:
+        print(metrics["recalibration_note"])
     print(f"wrote {out}" + (f" and {args.onnx}" if args.onnx else "")
           + f"; policy in {out.with_suffix('.policy.json')}")
     return 0

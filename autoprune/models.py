@@ -235,8 +235,10 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AutopruneError(f"cannot import {module_name!r} for --model {spec}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises while it loads
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise AutopruneError(f"cannot import {module_name!r} for --model {spec}: {type(exc).__name__}: {first}") \
+            from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise AutopruneError(f"{module_name} has no callable {attr!r} (from --model {spec})")
@@ -289,7 +291,11 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
         net, meta = _from_file(Path(model))
     elif ":" in model:
         factory = _import_factory(model)
-        net = factory()
+        try:
+            net = factory()
+        except Exception as exc:  # the user's code: any failure is theirs to see, in one line
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise AutopruneError(f"model factory {model} raised {type(exc).__name__}: {first}") from None
         if not isinstance(net, nn.Module):
             raise AutopruneError(f"{model} returned {type(net).__name__}, not a torch.nn.Module")
     else:

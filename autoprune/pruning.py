@@ -521,35 +521,56 @@ class ChannelPruner:
     def prune(self, policy: Mapping[str, float]) -> nn.Module:
         """A physically smaller copy of the base model with `policy` applied."""
         kept = self.kept_indices(policy)
-        model = copy.deepcopy(self.model)
-        model.eval()
-        example = _example(self.input_shape)
-        with torch.no_grad():
-            expected = tuple(model(example).shape)
-        graph = _build_graph(model, example)
-        modules = dict(model.named_modules())
+        removals = {}
         for g in self.description.groups:
             keep = set(kept[g.name].tolist())
-            remove = [i for i in range(g.channels) if i not in keep]
-            if not remove:
-                continue
-            root = modules[g.root or g.name]
-            handler = graph.get_pruner_of_module(root).prune_out_channels
-            group = graph.get_pruning_group(root, handler, remove)
-            group.prune(record_history=False)
-        try:
-            with torch.no_grad():
-                got = tuple(model(example).shape)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise AutopruneError(f"the pruned network no longer runs ({first}); Torch-Pruning cannot prune this "
-                                 "architecture consistently") from None
-        if got != expected:
-            raise AutopruneError(f"the pruned network returns shape {got}, the base model {expected}")
+            removals[g.root or g.name] = [i for i in range(g.channels) if i not in keep]
+        model = remove_channels(self.model, self.input_shape, removals)
         model.autoprune_policy = {k: float(v) for k, v in check_policy(self.description, policy).items()}
         if hasattr(model, "autoprune_config"):
             del model.autoprune_config  # the zoo constructor no longer describes this network
         return model
+
+
+def remove_channels(model: nn.Module, input_shape: tuple[int, int, int],
+                    removals: Mapping[str, list[int]]) -> nn.Module:
+    """A copy of `model` without the channels `removals` names (group root layer -> indices of
+    its output channels), every coupled layer shrunk with it; checked to still run."""
+    model = copy.deepcopy(model)
+    model.eval()
+    example = _example(input_shape)
+    with torch.no_grad():
+        expected = tuple(model(example).shape)
+    graph = _build_graph(model, example)
+    modules = dict(model.named_modules())
+    for root_name, remove in removals.items():
+        if not remove:
+            continue
+        root = modules[root_name]
+        handler = graph.get_pruner_of_module(root).prune_out_channels
+        graph.get_pruning_group(root, handler, list(remove)).prune(record_history=False)
+    try:
+        with torch.no_grad():
+            got = tuple(model(example).shape)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AutopruneError(f"the pruned network no longer runs ({first}); Torch-Pruning cannot prune this "
+                             "architecture consistently") from None
+    if got != expected:
+        raise AutopruneError(f"the pruned network returns shape {got}, the base model {expected}")
+    return model
+
+
+def cut_group(model: nn.Module, input_shape: tuple[int, int, int], group: GroupSpec, channels_before: int,
+              channels_after: int) -> nn.Module:
+    """A copy of `model`, a network whose `group` the group's ranking already cut to
+    `channels_before` channels (its other layers may have been trained since), cut further
+    to `channels_after`: the same network as pruning the base model to `channels_after`."""
+    ranked = group.ranked()
+    current = sorted(ranked[:channels_before])  # the base channels still there, in their order
+    keep = set(ranked[:channels_after])
+    return remove_channels(model, input_shape,
+                           {group.root or group.name: [i for i, c in enumerate(current) if c not in keep]})
 
 
 def apply_policy(model: nn.Module, policy: Mapping[str, float], input_shape: tuple[int, int, int], *,

@@ -19,7 +19,7 @@ from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import save_pruned_model
 from autoprune.io import atomic_write_text, model_from_bytes, model_to_bytes
 from autoprune.runs import Run
-from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
+from autoprune.train import TrainConfig, evaluate, recalibrate_bn, recalibration_note, train
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
         "val_accuracy_before_finetune": val_before, "test_accuracy_before_finetune": test_before,
         "val_accuracy": evaluate(pruned, data, "val")["accuracy"],
         "test_accuracy": evaluate(pruned, data, "test")["accuracy"],
+        "recalibration_note": recalibration_note(pruned),
         "finetune_epochs": finetune.epochs, "finetune_seconds": round(finetune_seconds, 1),
         "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluations,
         "measured_latency_ms_base": latency["ms"][0], "measured_latency_ms": latency["ms"][1],
@@ -248,6 +249,7 @@ def _report(run: Run, m: dict) -> str:
         f"{100 * m['val_accuracy']:.2f} %",
         f"- test accuracy: unpruned {100 * m['base_test_accuracy']:.2f} %, pruned after {m['finetune_epochs']} "
         f"fine-tuning epoch(s) {100 * m['test_accuracy']:.2f} %",
+        *([f"- {m['recalibration_note']}"] if m.get("recalibration_note") else []),
         f"- search {m['search_seconds']:.0f} s ({m['candidate_evaluations']} candidates evaluated), "
         f"fine-tuning {m['finetune_seconds']:.0f} s",
     ]

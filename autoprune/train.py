@@ -130,6 +130,17 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, *, num_batches: int = 20,
     return model
 
 
+def recalibration_note(model: nn.Module) -> str | None:
+    """What BatchNorm recalibration leaves alone in this model (normalisation without running
+    statistics: GroupNorm, LayerNorm, InstanceNorm), as one sentence; None if nothing."""
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm))})
+    if not kinds:
+        return None
+    return (f"{', '.join(kinds)} keep no running statistics: BN recalibration does nothing for them "
+            "(they normalise each input by itself)")
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)

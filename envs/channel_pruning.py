@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from autoprune.budgets import DEFAULT_FILL, Budget, check_reachable, resource_value
-from autoprune.costs import channels_to_keep, count_cost, group_costs
+from autoprune.costs import count_cost, group_choices, group_costs, group_keep
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 
@@ -116,9 +116,8 @@ class ChannelPruningEnv(gym.Env):
         self.budget, self.lut, self.lower_bound, self.reward_name = budget, lut, lower_bound, reward
         self.groups = self.description.groups
         multiple = evaluator.config.channel_multiple
-        self._choices = [sorted({channels_to_keep(g.channels, k / g.channels, multiple)
-                                 for k in range(1, g.channels + 1)}) for g in self.groups]
-        self._floor = [channels_to_keep(g.channels, lower_bound, multiple) for g in self.groups]
+        self._choices = [group_choices(g, multiple) for g in self.groups]
+        self._floor = [group_keep(g, lower_bound, multiple) for g in self.groups]
         self._full = {g.name: g.channels for g in self.groups}
         self.base_value = self._value(self._full)
         self.limit = budget.limit(self.base_value)
@@ -218,7 +217,7 @@ class ChannelPruningEnv(gym.Env):
         action = float(np.clip(action, -1.0, 1.0))
         ratio = self.lower_bound + (action + 1.0) / 2.0 * (1.0 - self.lower_bound)
         g = self.groups[t]
-        count = channels_to_keep(g.channels, ratio, self.evaluator.config.channel_multiple)
+        count = group_keep(g, ratio, self.evaluator.config.channel_multiple)
         count = max(count, self._floor[t], self.min_to_fill(t))
         return int(min(count, self.max_feasible(t)))
 
