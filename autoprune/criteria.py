@@ -76,11 +76,14 @@ def l2(evidence: GroupEvidence) -> torch.Tensor:
 
 
 def bn_scale(evidence: GroupEvidence) -> torch.Tensor:
-    """|gamma| of the normalisation after the channel (network slimming, Liu et al., 2017)."""
+    """|gamma| of the normalisation after the channel (network slimming, Liu et al., 2017).
+
+    A group some of whose channels no normalisation scales (a squeeze-excitation's
+    reduction, a hidden linear layer) is ranked by L1 instead.
+    """
     covered = set(torch.cat(evidence.bn_scales_at).tolist()) if evidence.bn_scales_at else set()
     if len(covered) < evidence.channels:
-        raise AutopruneError("criterion bn_scale needs a BatchNorm (or another normalisation with a scale) after "
-                             "every pruned layer; use l1")
+        return l1(evidence)
     return _combine((s.abs() for s in evidence.bn_scales), evidence.bn_scales_at, evidence.channels, "bn_scale")
 
 
@@ -168,8 +171,8 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
         handles = []
         seen: dict[str, int] = {}
         if "activations" in needs:
-            # statistics at the normalisation outputs (or the producers when the network has none)
-            watch = [layer.name for layer in (norms or producers)]
+            # statistics at the normalisation outputs, or at the producers of a group without one
+            watch = [layer.name for layer in norms + producers]
 
             def hook_for(name: str):
                 def hook(_module, _inputs, output):
@@ -210,9 +213,6 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
             ev.weights_at.append(at)
             if layer.name in grads:
                 ev.grads.append(grads[layer.name][rows])
-            if layer.name in zero_fractions:
-                ev.zero_fractions.append(zero_fractions[layer.name][rows])
-                ev.zero_fractions_at.append(at)
     for layer in norms:
         scale = getattr(modules[layer.name], "weight", None)
         for group, rows, at in _row_links(description, layer):
@@ -223,4 +223,10 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
             if layer.name in zero_fractions:
                 ev.zero_fractions.append(zero_fractions[layer.name][rows])
                 ev.zero_fractions_at.append(at)
+    normalised = {name for name, ev in evidence.items() if ev.zero_fractions}
+    for layer in producers:
+        for group, rows, at in _row_links(description, layer):
+            if group not in normalised and layer.name in zero_fractions:
+                evidence[group].zero_fractions.append(zero_fractions[layer.name][rows])
+                evidence[group].zero_fractions_at.append(at)
     return evidence

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprune.costs import LayerSpec, Link, NetworkDescription, policy_channels
+from autoprune.costs import LayerSpec, Link, NetworkDescription, group_choices, policy_channels
 from autoprune.errors import AutopruneError
 from autoprune.io import atomic_write_json
 
@@ -91,7 +91,8 @@ def _reachable(description: NetworkDescription, fixed: int, links: tuple[Link, .
 
 def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[str, dict]:
     """Signature key -> {"layer": one representative LayerSpec, "in": [...], "out": [...]}."""
-    grids = {g.name: [c for c in _channel_grid(g.channels, channel_step) if c % g.multiple == 0] or [g.channels]
+    grids = {g.name: sorted({min(group_choices(g)), *(c for c in _channel_grid(g.channels, channel_step)
+                                                       if c % g.multiple == 0 and c >= g.min_keep)})
              for g in description.groups}
     plan: dict[str, dict] = {}
     for layer in description.layers:

@@ -24,6 +24,7 @@ from autoprune.costs import (GroupSpec, LayerSpec, Link, NetworkDescription, che
                              policy_channels, policy_cost, uniform_policy)
 from autoprune.criteria import collect_evidence, get_criterion, needs_of
 from autoprune.errors import AutopruneError
+from autoprune.train import check_output
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,6 @@ class _Trace:
     in_size: dict[str, tuple[int, int]]
     out_size: dict[str, tuple[int, int]]
     classifier: str | None
-
-
-def _check_output(result, example: torch.Tensor) -> None:
-    """A classifier returns one (N, classes) tensor; say what else this model returned."""
-    if isinstance(result, torch.Tensor):
-        if result.dim() == 2 and result.shape[0] == example.shape[0]:
-            return
-        what = f"a tensor of shape {tuple(result.shape)}"
-    elif isinstance(result, Mapping):
-        what = f"a {type(result).__name__} with keys {', '.join(map(repr, list(result)[:5]))}"
-    elif isinstance(result, (tuple, list)):
-        what = f"a {type(result).__name__} of {len(result)} items"
-    else:
-        what = f"a {type(result).__name__}"
-    raise AutopruneError(f"the model's forward returned {what} for a batch of {example.shape[0]}; autoprune "
-                         "prunes classifiers whose forward returns one tensor of shape (batch, classes) "
-                         "(wrap the model so that it does)")
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
@@ -104,7 +88,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     if reused:
         raise AutopruneError(f"layer(s) {', '.join(reused)} run more than once per forward pass; "
                              "weight sharing is not supported")
-    _check_output(result, example)
+    check_output(result, example.shape[0])
     classifier = outputs.get(id(result))
     if classifier is None:
         modules = dict(model.named_modules())
@@ -344,9 +328,14 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 segments.update(link.channels for link in links if link.channels is not None)
         segments = sorted(segments)
         multiple = len(classes[0]) if classes else 1
+        # a grouped conv cut to one output per group would pass for a depthwise one with
+        # Torch-Pruning, which then prunes a network derived from it wrongly: keep two
+        grouped = any(outputs and _channel_groups(modules[name]) > 1 and isinstance(modules[name], _CONV)
+                      for name, outputs in sides)
+        min_keep = max(max(1, len(segments)) * multiple, 2 * multiple if grouped else 1)
         groups[gname] = GroupSpec(name=gname, channels=channels, producers=tuple(producers),
                                   consumers=tuple(consumers), root=root, multiple=multiple,
-                                  min_keep=max(1, len(segments)) * multiple, classes=classes,
+                                  min_keep=min(channels, min_keep), classes=classes,
                                   order=rank_channels(torch.zeros(channels), classes, segments)
                                   if segments or classes else None)
 

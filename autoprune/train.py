@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def eval_mode(model: nn.Module):
             model.train()
 
 
+def check_output(result, batch: int) -> None:
+    """A classifier returns one (batch, classes) tensor; say what else a model returned."""
+    if isinstance(result, torch.Tensor):
+        if result.dim() == 2 and result.shape[0] == batch:
+            return
+        what = f"a tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, Mapping):
+        what = f"a {type(result).__name__} with keys {', '.join(map(repr, list(result)[:5]))}"
+    elif isinstance(result, (tuple, list)):
+        what = f"a {type(result).__name__} of {len(result)} items"
+    else:
+        what = f"a {type(result).__name__}"
+    raise AutopruneError(f"the model's forward returned {what} for a batch of {batch}; autoprune works on "
+                         "classifiers whose forward returns one tensor of shape (batch, classes) "
+                         "(wrap the model so that it does)")
+
+
 def check_model_fits(model: nn.Module, data: DataBundle) -> None:
     """Raise a clear AutopruneError when `model` cannot classify `data`'s images."""
     x, _ = next(data.batches("val" if len(data.val) else "train", 2))
@@ -80,7 +98,8 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
         first = str(exc).strip().splitlines()[0]
         raise AutopruneError(f"the model does not accept {data.name} images of shape {tuple(x.shape[1:])}: "
                              f"{first}; pick a model built for this input") from None
-    if out.ndim != 2 or out.shape[1] != data.num_classes:
+    check_output(out, x.shape[0])
+    if out.shape[1] != data.num_classes:
         raise AutopruneError(f"the model outputs shape {tuple(out.shape[1:])} but {data.name} has "
                              f"{data.num_classes} classes")
 

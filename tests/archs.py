@@ -179,3 +179,34 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
         else:
             blocks.append(ResidualBlock(width, norm_kind, act))
     return Net(stem, blocks, width, rng.choice(["pool", "mlp", "flatten"]), 2, act=act)
+
+
+def mixed_net(in_channels: int = 1) -> Net:
+    """Concatenated branches and grouped convolutions in one network (the searches' test model)."""
+    blocks = [ConcatBlock(16, 6, "bn", "relu", se=False), GroupedBlock(16, 16, 4, "bn", "relu"),
+              SeparableDown(16, 24, 1, "bn", "relu"), ConcatBlock(24, 10, "gn", "silu", se=True)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
+
+
+class DictOutput(nn.Module):
+    """Returns {"logits": ...}, as detection-style code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = concat_se_net()
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def dict_output_net() -> nn.Module:
+    return DictOutput()
+
+
+def raising_factory() -> nn.Module:
+    raise ValueError("width must be positive")
+
+
+def flat_net() -> nn.Module:
+    """No prunable layer: a single linear classifier."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))

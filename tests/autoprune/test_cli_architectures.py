@@ -1,0 +1,127 @@
+"""The commands on user models beyond the zoo: concatenated branches, grouped convolutions, GroupNorm."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from autoprune.cli import main
+from autoprune.criteria import CRITERIA
+from autoprune.pruning import describe_network
+from autoprune.costs import count_cost
+
+MODEL = "tests.archs:mixed_net"
+FAST = ["--data", "synthetic", "--val-size", "400", "--val-images", "100", "--bn-batches", "2",
+        "--finetune-epochs", "0", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def counted(model: nn.Module) -> tuple[int, int]:
+    """Torch-Pruning's conv+linear count and the parameter sum of a network."""
+    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
+    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    return int(flops), sum(p.numel() for p in model.parameters())
+
+
+def exported_count(path) -> tuple[int, int]:
+    """MACs (plus bias adds) of every convolution and linear op in a saved torch.export program,
+    from the shapes its graph records, and its parameter count: an independent counter."""
+    program = torch.export.load(path)
+    weights = {**program.state_dict, **dict(program.constants)}
+    names = program.graph_signature.inputs_to_parameters
+    flops = 0
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default,
+                                                             torch.ops.aten.linear.default):
+            continue
+        out = node.meta["val"].shape
+        weight = weights[names[node.args[1].name]]
+        has_bias = len(node.args) > 2 and node.args[2] is not None
+        per_output = weight[0].numel() + int(has_bias)
+        outputs = out[1:].numel() if node.target == torch.ops.aten.conv2d.default else out[-1]  # per example
+        flops += per_output * int(outputs)
+    return flops, sum(program.state_dict[name].numel() for name in program.graph_signature.parameters)
+
+
+def test_info_counts_a_concatenating_grouped_model_exactly(capsys):
+    code, out, err = run(capsys, "info", "--model", MODEL, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    from tests.archs import mixed_net
+
+    model = mixed_net()
+    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
+    assert info["flops"] == sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("criterion", list(CRITERIA))
+def test_prune_with_every_criterion_predicts_the_counted_cost(criterion, tmp_path, capsys):
+    out = tmp_path / "pruned.pt"
+    code, stdout, err = run(capsys, "prune", "--model", MODEL, "--policy", "uniform:0.5", "--criterion", criterion,
+                            "--data", "synthetic", "--val-size", "400", "--bn-batches", "2", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert (metrics["predicted_flops"], metrics["predicted_params"]) == (metrics["flops"], metrics["params"])
+    assert metrics["flops"] < metrics["base_flops"]
+    # the grouped conv's groups keep multiples of 4 channels: 0.5 of 16 is met, so nothing is rounded there
+    assert all(r["kept"] % r["multiple"] == 0 for r in metrics["rounded"].values())
+    assert "GroupNorm" in metrics["recalibration_note"] and "GroupNorm" in stdout
+
+
+def test_prune_rounds_a_grouped_group_and_says_so(tmp_path, capsys):
+    out = tmp_path / "pruned.pt"
+    code, stdout, err = run(capsys, "prune", "--model", "tests.archs:resnext_net", "--policy", "uniform:0.3",
+                            "--data", "synthetic", "--val-size", "400", "--bn-batches", "2", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    grouped = metrics["rounded"]["blocks.0.reduce.0"]
+    assert grouped == {"keep_ratio": 0.3, "kept": 4, "channels": 16, "multiple": 4}  # 0.3 × 16 = 4.8 -> 4, not 5
+    assert "rounded to 4 of 16" in stdout
+    assert (metrics["predicted_flops"], metrics["predicted_params"]) == (metrics["flops"], metrics["params"])
+
+
+@pytest.mark.parametrize("agent,extra", [
+    ("ddpg", ["--episodes", "4", "--warmup-episodes", "2"]),
+    ("uniform", []),
+    ("netadapt", ["--initial-reduction", "0.15", "--max-iterations", "6", "--short-term-steps", "1",
+                  "--workers", "1"]),
+])
+def test_searches_end_inside_the_budget_by_the_counted_cost(agent, extra, tmp_path, capsys):
+    out = tmp_path / agent
+    budget = "50%flops" if agent != "netadapt" else "75%flops"
+    code, _, err = run(capsys, "search", "--model", MODEL, "--budget", budget, "--agent", agent, "--out", str(out),
+                       *extra, *FAST)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert exported_count(out / "model.pt2") == (metrics["flops"], metrics["params"])
+    limit = 0.5 if agent != "netadapt" else 0.75
+    assert metrics["flops"] <= limit * metrics["base_flops"]
+
+
+def test_lut_build_on_a_concatenating_grouped_model(tmp_path, capsys):
+    lut = tmp_path / "lut.json"
+    code, out, err = run(capsys, "lut", "build", "--model", MODEL, "--runs", "1", "--warmup", "0", "--rounds", "1",
+                         "--channel-step", "8", "--calibration-samples", "2", "--quiet", "--out", str(lut))
+    assert code == 0, err
+    code, out, err = run(capsys, "info", "--model", MODEL, "--lut", str(lut))
+    assert code == 0 and "ms predicted" in out, err
+
+
+@pytest.mark.parametrize("model,message", [
+    ("tests.archs:dict_output_net", "returned a dict with keys 'logits'"),
+    ("tests.archs:raising_factory", "model factory tests.archs:raising_factory raised ValueError: width must be"),
+    ("tests.archs:flat_net", "no prunable layer"),
+])
+def test_unprunable_models_get_one_line(model, message, tmp_path, capsys):
+    code, _, err = run(capsys, "prune", "--model", model, "--policy", "uniform:0.5", "--data", "synthetic",
+                       "--val-size", "400", "--out", str(tmp_path / "p.pt"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
