@@ -46,7 +46,7 @@ from autoprune.data import DataBundle
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_torch_save, atomic_write_json, model_from_bytes, model_to_bytes
-from autoprune.pruning import cut_group
+from autoprune.pruning import cut_group, describe_network
 from autoprune.report import LatencyWorker
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
@@ -467,6 +467,10 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
     if state is not None:
         model = torch.load(run.state_dir / MODEL_FILE, map_location="cpu", weights_only=False)
         kept = {name: int(state["kept"][name]) for name in search.groups}
+        if count_cost(describe_network(model, evaluator.data.input_shape)) != count_cost(search.description, kept):
+            raise AutopruneError(f"the network saved in {run.state_dir} is not the base model cut to the state's "
+                                 "channel counts (an earlier autoprune chose channels another way); delete "
+                                 f"{run.state_dir} to start over")
         iteration, accuracy = int(state["iteration"]), state["accuracy"]
         history = run.read_history()[:int(state["rows"])]
         measured_base, measured = state.get("measured_base_ms"), state.get("measured_ms")
