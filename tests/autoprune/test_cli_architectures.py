@@ -9,8 +9,7 @@ import torch_pruning as tp
 
 from autoprune.cli import main
 from autoprune.criteria import CRITERIA
-from autoprune.pruning import describe_network
-from autoprune.costs import count_cost
+from tests.archs import FIXED
 
 MODEL = "tests.archs:mixed_net"
 FAST = ["--data", "synthetic", "--val-size", "400", "--val-images", "100", "--bn-batches", "2",
@@ -74,6 +73,21 @@ def test_prune_with_every_criterion_predicts_the_counted_cost(criterion, tmp_pat
     # the grouped conv's groups keep multiples of 4 channels: 0.5 of 16 is met, so nothing is rounded there
     assert all(r["kept"] % r["multiple"] == 0 for r in metrics["rounded"].values())
     assert "GroupNorm" in metrics["recalibration_note"] and "GroupNorm" in stdout
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+def test_info_and_prune_on_each_block(name, tmp_path, capsys):
+    model = f"tests.archs:{FIXED[name].__name__}"
+    code, out, err = run(capsys, "info", "--model", model)
+    assert code == 0 and "prunable groups" in out, err
+    out_path = tmp_path / "pruned.pt"
+    code, _, err = run(capsys, "prune", "--model", model, "--policy", "uniform:0.5", "--data", "synthetic",
+                       "--val-size", "400", "--bn-batches", "1", "--out", str(out_path))
+    assert code == 0, err
+    metrics = json.loads(out_path.with_suffix(".metrics.json").read_text())
+    assert (metrics["predicted_flops"], metrics["predicted_params"]) == (metrics["flops"], metrics["params"])
+    assert exported_count(out_path) == (metrics["flops"], metrics["params"])
+    assert metrics["flops"] < metrics["base_flops"]
 
 
 def test_prune_rounds_a_grouped_group_and_says_so(tmp_path, capsys):
