@@ -180,6 +180,16 @@ def _link_size(link: Link, groups: Mapping[str, GroupSpec]) -> int:
     return link.per * (groups[link.group].channels if link.channels is None else len(link.channels))
 
 
+def _bare_parameter_message(model: nn.Module, parameter: nn.Parameter) -> str:
+    """Name the layer whose parameter a forward uses directly on a prunable group's channels."""
+    pname = next((n for n, p in model.named_parameters() if p is parameter), "?")
+    owner = pname.rpartition(".")[0]
+    layer = dict(model.named_modules()).get(owner, model)
+    return (f"layer {owner or '(the model itself)'} ({type(layer).__module__}.{type(layer).__name__}) uses its "
+            f"parameter {pname} directly on the channels of a prunable group, and Torch-Pruning does not know the "
+            "layer; supported are Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm and PReLU")
+
+
 def _side_width(m: nn.Module, outputs: bool) -> int:
     if isinstance(m, _CONV):
         return m.out_channels if outputs else m.in_channels
@@ -282,8 +292,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         for item in group.items:
             module = item.dep.target.module
             if isinstance(module, nn.Parameter):
-                raise AutopruneError("a prunable group touches a bare nn.Parameter (a parameter used outside a layer); "
-                                     "wrap it in a module or list the layer among those never pruned")
+                raise AutopruneError(_bare_parameter_message(model, module))
             if module not in names:
                 continue  # Torch-Pruning's own nodes for adds, reshapes and concatenations
             name = names[module]

@@ -210,3 +210,19 @@ def raising_factory() -> nn.Module:
 def flat_net() -> nn.Module:
     """No prunable layer: a single linear classifier."""
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+
+class Gain(nn.Module):
+    """A per-channel gain that Torch-Pruning does not know as a layer."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def unknown_layer_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Gain(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))

@@ -133,6 +133,7 @@ def test_lut_build_on_a_concatenating_grouped_model(tmp_path, capsys):
     ("tests.archs:dict_output_net", "returned a dict with keys 'logits'"),
     ("tests.archs:raising_factory", "model factory tests.archs:raising_factory raised ValueError: width must be"),
     ("tests.archs:flat_net", "no prunable layer"),
+    ("tests.archs:unknown_layer_net", "layer 1 (tests.archs.Gain) uses its parameter 1.gain"),
 ])
 def test_unprunable_models_get_one_line(model, message, tmp_path, capsys):
     code, _, err = run(capsys, "prune", "--model", model, "--policy", "uniform:0.5", "--data", "synthetic",
