@@ -73,20 +73,24 @@ def _channel_grid(maximum: int, step: int) -> list[int]:
     return sorted(p for p in points if 1 <= p <= maximum)
 
 
-def _link_grid(description: NetworkDescription, link: Link, grids: Mapping[str, list[int]]) -> list[int]:
-    return sorted({description.link_kept(link, {link.group: c}) for c in grids[link.group]})
+def _link_grid(link: Link, grids: Mapping[str, list[int]], step: int) -> list[int]:
+    """Features a link can carry: its group's grid, or for a branch holding only some of the
+    group's channels every count from 1 to all of them (how many survive depends on the
+    criterion's ranking, which a table must not assume)."""
+    if link.channels is None:
+        return [link.per * c for c in grids[link.group]]
+    return [link.per * c for c in _channel_grid(len(link.channels), step)]
 
 
-def _reachable(description: NetworkDescription, fixed: int, links: tuple[Link, ...], full: int,
-               grids: Mapping[str, list[int]]) -> list[int]:
+def _reachable(fixed: int, links: tuple[Link, ...], full: int, grids: Mapping[str, list[int]], step: int) -> list[int]:
     """Channel counts one side of a layer can have under any policy (a grid, when several groups meet)."""
     if not links:
         return [full]
     if len(links) == 1:
-        return sorted({fixed + c for c in _link_grid(description, links[0], grids)})
-    low = fixed + sum(min(_link_grid(description, link, grids)) for link in links)
-    step = max(1, (full - low) // 16)
-    return sorted({*range(low, full + 1, step), full})
+        return sorted({fixed + c for c in _link_grid(links[0], grids, step)})
+    low = fixed + sum(min(_link_grid(link, grids, step)) for link in links)
+    spacing = max(1, (full - low) // 16)
+    return sorted({*range(low, full + 1, spacing), full})
 
 
 def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[str, dict]:
@@ -99,9 +103,9 @@ def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[st
         if layer.kind not in TIMED_KINDS:
             continue
         key = signature_key(layer)
-        outs = _reachable(description, layer.out_fixed, layer.out_links, layer.out_channels, grids)
+        outs = _reachable(layer.out_fixed, layer.out_links, layer.out_channels, grids, channel_step)
         # a depthwise conv's inputs are its outputs: its grid has the single input axis point 0
-        ins = (_reachable(description, layer.in_fixed, layer.in_links, layer.in_channels, grids)
+        ins = (_reachable(layer.in_fixed, layer.in_links, layer.in_channels, grids, channel_step)
                if layer.kind != "dwconv" else [0])
         entry = plan.setdefault(key, {"layer": layer, "in": set(), "out": set()})
         entry["in"].update(ins)
@@ -686,8 +690,9 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     networks = [model] + [pruner.prune(p) for p in policies]
     measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
     full = {g.name: g.channels for g in description.groups}
-    kept = [full] + [policy_channels(description, p) for p in policies]
-    points = [{"sum_ms": round(table.raw_sum_ms(description, k), 6), "measured_ms": round(m, 6)}
+    ranked = pruner.description  # which branch keeps which channels follows the pruner's ranking
+    kept = [full] + [policy_channels(ranked, p) for p in policies]
+    points = [{"sum_ms": round(table.raw_sum_ms(ranked, k), 6), "measured_ms": round(m, 6)}
               for k, m in zip(kept, measured)]
     bar.close()
     for entry in data["entries"].values():
@@ -757,7 +762,7 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
     bar.close()
     rows = []
     for i, (policy, ms) in enumerate(zip(policies, measured)):
-        predicted = table.predict_policy_ms(description, policy)
+        predicted = table.predict_policy_ms(pruner.description, policy)
         rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": ms,
                      "error_pct": 100.0 * (predicted - ms) / ms, "policy": policy})
     abs_err = [abs(r["error_pct"]) for r in rows]

@@ -127,6 +127,15 @@ def test_lut_build_on_a_concatenating_grouped_model(tmp_path, capsys):
     assert code == 0, err
     code, out, err = run(capsys, "info", "--model", MODEL, "--lut", str(lut))
     assert code == 0 and "ms predicted" in out, err
+    # a policy's latency, with branches split by the criterion's ranking, lies inside the table's grid
+    for criterion in ("l1", "random"):
+        pruned = tmp_path / f"{criterion}.pt"
+        code, _, err = run(capsys, "prune", "--model", MODEL, "--policy", "uniform:0.2", "--criterion", criterion,
+                           "--lut", str(lut), "--data", "synthetic", "--val-size", "400", "--bn-batches", "1",
+                           "--out", str(pruned))
+        assert code == 0, err
+        metrics = json.loads(pruned.with_suffix(".metrics.json").read_text())
+        assert 0 < metrics["lut_latency_ms"] < metrics["lut_latency_ms_base"]
 
 
 @pytest.mark.parametrize("model,message", [
