@@ -157,17 +157,19 @@ def cmd_info(args) -> int:
 
         print(json.dumps({"input_shape": shape, "flops": total.flops, "params": total.params,
                           "groups": [{"name": g.name, "channels": g.channels, "flops": shares[g.name].flops,
-                                      "params": shares[g.name].params, "producers": list(g.producers)}
+                                      "params": shares[g.name].params, "producers": list(g.producers),
+                                      "multiple": g.multiple, "min_keep": g.min_keep}
                                      for g in description.groups]}, indent=2))
         return 0
     print(f"input {shape[0]}x{shape[1]}x{shape[2]}, batch 1: {format_count(total.flops)} FLOPs (MACs), "
           f"{format_count(total.params)} params, {len(description.groups)} prunable groups{lut_line}")
-    header = f"{'group':<28} {'channels':>8} {'layers':>6} {'FLOPs':>9} {'params':>9} {'FLOPs %':>8}"
+    header = (f"{'group':<28} {'channels':>8} {'step':>4} {'layers':>6} {'FLOPs':>9} {'params':>9} "
+              f"{'FLOPs %':>8}")
     print(header)
     print("-" * len(header))
     for g in description.groups:
         c = shares[g.name]
-        print(f"{g.name:<28} {g.channels:>8} {len(g.producers):>6} {format_count(c.flops):>9} "
+        print(f"{g.name:<28} {g.channels:>8} {g.multiple:>4} {len(g.producers):>6} {format_count(c.flops):>9} "
               f"{format_count(c.params):>9} {100 * c.flops / total.flops:>7.1f}%")
     return 0
 
@@ -293,20 +295,33 @@ def cmd_lut_build(args) -> int:
     return 0
 
 
+def parse_keep_range(text: str) -> tuple[float, float]:
+    """`LO,HI` with 0 < LO <= HI <= 1."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise AutopruneError(f"--keep-range {text!r} must be LO,HI, e.g. 0.05,0.4") from None
+    if not 0.0 < low <= high <= 1.0:
+        raise AutopruneError(f"--keep-range {text!r}: need 0 < LO <= HI <= 1")
+    return low, high
+
+
 def cmd_lut_validate(args) -> int:
     from autoprune.io import atomic_write_json
     from autoprune.latency import load_lut, validate_lut
 
+    low, high = parse_keep_range(args.keep_range)
     table = load_lut(args.lut)
     model, description, _ = _model_for_lut(args)
     result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, rounds=args.rounds,
-                          progress=not args.quiet)
+                          keep_range=(low, high), progress=not args.quiet)
     print(f"{'sample':>6} {'predicted ms':>13} {'measured ms':>12} {'error %':>8}")
     for row in result["rows"]:
         print(f"{row['sample']:>6} {row['predicted_ms']:>13.3f} {row['measured_ms']:>12.3f} {row['error_pct']:>8.1f}")
     print(f"{result['backend']}, {result['threads']} thread(s), batch {result['batch']}: median absolute error "
           f"{result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %, Spearman "
-          f"{result['spearman']:.3f} over {result['samples']} random policies")
+          f"{result['spearman']:.3f} over {result['samples']} random policies (keep ratios in [{low:g}, {high:g}], "
+          f"{100 * result['flops_ratio_range'][0]:.0f}-{100 * result['flops_ratio_range'][1]:.0f} % of the FLOPs)")
     if args.out:
         atomic_write_json(args.out, result)
     return 0
@@ -847,7 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
-    p.add_argument("--samples", type=int, default=30, help="random policies (keep ratios in [0.2, 1])")
+    p.add_argument("--samples", type=int, default=30, help="random policies (keep ratios in --keep-range)")
+    p.add_argument("--keep-range", default="0.2,1", help="LO,HI: keep ratios of the random policies (default "
+                   "0.2,1; 0.05,0.4 draws networks as small as tight latency budgets give)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random policies (the build calibrates on 0)")
     p.add_argument("--rounds", type=int, default=None,
                    help="passes over the sample networks; each keeps its fastest (default: max(5, the LUT's))")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprune.costs import LayerSpec, Link, NetworkDescription, group_choices, policy_channels
+from autoprune.costs import LayerSpec, Link, NetworkDescription, count_cost, group_choices, policy_channels
 from autoprune.errors import AutopruneError
 from autoprune.io import atomic_write_json
 
@@ -740,8 +740,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDescription, *, samples: int = 30,
                  seed: int = 1, warmup: int | None = None, runs: int | None = None, rounds: int | None = None,
-                 progress: bool = True) -> dict:
-    """Predicted vs measured whole-network latency for random policies (keep ratios in [0.2, 1])."""
+                 keep_range: tuple[float, float] = (0.2, 1.0), progress: bool = True) -> dict:
+    """Predicted vs measured whole-network latency for random policies (keep ratios uniform in
+    `keep_range`; a low range draws the small networks that tight budgets produce)."""
     from tqdm.auto import tqdm
 
     from autoprune.pruning import ChannelPruner
@@ -755,18 +756,22 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
     runs = protocol["runs"] if runs is None else runs
     rounds = max(5, protocol.get("rounds", 1)) if rounds is None else rounds
     pruner = ChannelPruner(model, description.input_shape)
-    policies = random_policies(description, samples, seed)
+    policies = random_policies(description, samples, seed, *keep_range)
     bar = tqdm(total=samples * rounds, desc="validate", unit="run", disable=not progress)
     measured = measure_networks(backend, [pruner.prune(p) for p in policies], description.input_shape, rt["batch"],
                                 warmup, runs, rounds, bar)
     bar.close()
     rows = []
+    base_flops = count_cost(pruner.description).flops
     for i, (policy, ms) in enumerate(zip(policies, measured)):
         predicted = table.predict_policy_ms(pruner.description, policy)
+        cost = count_cost(pruner.description, policy_channels(pruner.description, policy))
         rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": ms,
-                     "error_pct": 100.0 * (predicted - ms) / ms, "policy": policy})
+                     "error_pct": 100.0 * (predicted - ms) / ms, "flops_ratio": cost.flops / base_flops,
+                     "policy": policy})
     abs_err = [abs(r["error_pct"]) for r in rows]
-    return {"rows": rows, "median_abs_error_pct": float(np.median(abs_err)),
+    flops_ratios = [r["flops_ratio"] for r in rows]
+    return {"rows": rows, "keep_range": list(keep_range), "flops_ratio_range": [min(flops_ratios), max(flops_ratios)], "median_abs_error_pct": float(np.median(abs_err)),
             "max_abs_error_pct": float(np.max(abs_err)),
             "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
             "backend": rt["backend"], "threads": rt["threads"], "batch": rt["batch"], "samples": samples,

@@ -116,6 +116,15 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
                          "--rounds", "1", "--quiet", "--out", str(tmp_path / "v.json"))
     assert code == 0, err
     assert "median absolute error" in out and len(json.loads((tmp_path / "v.json").read_text())["rows"]) == 3
+    code, out, err = run(capsys, "lut", "validate", "--lut", str(lut), "--model", str(checkpoint), "--samples", "2",
+                         "--keep-range", "0.05,0.3", "--rounds", "1", "--quiet", "--out", str(tmp_path / "small.json"))
+    assert code == 0, err
+    small = json.loads((tmp_path / "small.json").read_text())
+    assert small["keep_range"] == [0.05, 0.3] and small["flops_ratio_range"][1] < 0.2
+    assert all(0.05 <= r <= 0.3 for row in small["rows"] for r in row["policy"].values())
+    for bad in ("0,0.5", "0.5,0.2", "half"):
+        code, _, err = run(capsys, "lut", "validate", "--lut", str(lut), "--model", str(checkpoint), "--keep-range", bad)
+        assert code == 2 and "--keep-range" in err and len(err.strip().splitlines()) == 1
     code, out, err = run(capsys, "info", "--model", str(checkpoint), "--lut", str(lut))
     assert code == 0 and "ms predicted" in out
     code, out, err = run(capsys, "prune", "--model", str(checkpoint), "--val-size", "400", "--policy", "uniform:0.5",
