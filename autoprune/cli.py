@@ -88,11 +88,12 @@ def _model_and_data(args):
 def cmd_train(args) -> int:
     from autoprune.data import load_data
     from autoprune.models import build_model, save_checkpoint
-    from autoprune.train import TrainConfig, evaluate, train
+    from autoprune.train import TrainConfig, evaluate, seed_everything, train
 
     data = load_data(args.data or "fashion-mnist", args.data_dir, val_size=args.val_size,
                      download=not args.no_download)
     c, h, _ = data.input_shape
+    seed_everything(args.seed)  # before the model is built: its initial weights come from the seed too
     model = build_model(args.model, in_channels=c, num_classes=data.num_classes, input_size=h,
                         width_mult=args.width)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

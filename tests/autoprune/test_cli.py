@@ -397,3 +397,16 @@ def test_search_scores_candidates_with_the_evaluator_defaults():
     for command in (["search", "--budget", "50%flops"], ["sweep", "--agents", "uniform", "--budgets", "50%flops"]):
         args = build_parser().parse_args(command)
         assert (args.val_images, args.bn_batches) == (EvaluatorConfig().val_images, EvaluatorConfig().bn_batches)
+
+
+def test_train_with_the_same_seed_gives_the_same_weights(tmp_path, capsys):
+    paths = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever state the process is in, the seed decides
+        path = tmp_path / f"run{i}.pt"
+        assert main(["train", "--model", "resnet20", "--width", "0.25", "--data", "synthetic", "--val-size", "400",
+                     "--epochs", "1", "--max-steps", "3", "--seed", "0", "--quiet", "--out", str(path)]) == 0
+        paths.append(path)
+    first, second = (torch.load(p, weights_only=False)["state_dict"] for p in paths)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -45,3 +45,16 @@ def test_leaving_on_an_exception_still_finishes_the_job_in_flight(tmp_path):
             writer.submit(slow_write)
             raise KeyboardInterrupt
     assert (tmp_path / "state.txt").read_text() == "episode 4"
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    from autoprune import io as aio
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == 0o666 & ~aio._UMASK
