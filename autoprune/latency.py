@@ -22,6 +22,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -556,16 +557,51 @@ def load_lut(path: str | os.PathLike) -> LatencyTable:
         raise AutopruneError(f"LUT {path} has format version {data.get('version')}, this autoprune reads "
                              f"{LUT_VERSION}; rebuild it")
     try:
-        for key, table in data["entries"].items():
-            if len(table["ms"]) != len(table["in"]) or any(len(row) != len(table["out"]) for row in table["ms"]):
-                raise ValueError(f"grid of {key} has the wrong size")
-        data["runtime"]["backend"], data["model"]["fingerprint"]
-    except (KeyError, TypeError, ValueError) as exc:
+        _check_lut_schema(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AutopruneError(f"LUT {path} is corrupt ({exc}); rebuild it with `autoprune lut build`") from None
     if not data.get("complete"):
         raise AutopruneError(f"LUT {path} is unfinished; run the same `autoprune lut build` command again to "
                              "complete it")
     return LatencyTable(data, str(path))
+
+
+def _finite(value, what: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{what} is {value}, must be {'positive' if positive else 'non-negative'}")
+    return float(value)
+
+
+def _check_lut_schema(data: dict) -> None:
+    """Types and values of a finished table: counts are positive integers in ascending order,
+    latencies finite and non-negative, the calibration's scale positive."""
+    for key in ("backend", "threads", "batch"):
+        data["runtime"][key]
+    str(data["model"]["fingerprint"])
+    if not isinstance(data["entries"], dict) or not data["entries"]:
+        raise ValueError("it has no entries")
+    for key, table in data["entries"].items():
+        for axis in ("in", "out"):
+            points = table[axis]
+            if not points or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in points) or \
+                    points != sorted(set(points)):
+                raise ValueError(f"the {axis!r} axis of {key} is not ascending channel counts")
+        if len(table["ms"]) != len(table["in"]) or any(len(row) != len(table["out"]) for row in table["ms"]):
+            raise ValueError(f"grid of {key} has the wrong size")
+        for row in table["ms"]:
+            for v in row:
+                if v is not None:  # a point that could not be measured
+                    _finite(v, f"an entry of {key}")
+    for shape, v in data.get("call_overhead_ms", {}).items():
+        _finite(v, f"the call overhead of {shape}")
+    calibration = data.get("calibration")
+    if calibration is not None:
+        _finite(calibration["scale"], "the calibration scale", positive=True)
+        offset = calibration["offset_ms"]
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"the calibration offset is {offset!r}, not a finite number")
 
 
 # ---------------------------------------------------------------- building

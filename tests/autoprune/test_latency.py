@@ -246,3 +246,20 @@ def test_a_lut_counts_as_this_device_only_when_name_and_cpu_id_match(monkeypatch
     monkeypatch.setattr(latency, "_cpuinfo", lambda: {})
     monkeypatch.setattr(latency.platform, "processor", lambda: "arm")
     assert latency.cpu_id() == "" and latency.same_device({"cpu": "arm"})
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["entries"][next(iter(d["entries"]))]["ms"][0].__setitem__(0, "NaN"), "not a finite number"),
+    (lambda d: d["entries"][next(iter(d["entries"]))]["ms"][0].__setitem__(0, -0.5), "non-negative"),
+    (lambda d: d["calibration"].__setitem__("scale", -1.0), "calibration scale is -1.0, must be positive"),
+    (lambda d: d["calibration"].__setitem__("offset_ms", float("inf")), "calibration offset"),
+    (lambda d: d["entries"][next(iter(d["entries"]))].__setitem__("in", [8, 4, 1]), "ascending channel counts"),
+    (lambda d: d["runtime"].pop("threads"), "corrupt"),
+])
+def test_lut_values_are_checked_on_load(tiny_lut, tmp_path, change, message):
+    data = json.loads(tiny_lut[2].read_text())
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(AutopruneError, match=message):
+        load_lut(path)
