@@ -489,7 +489,7 @@ def run_search(args, loaded=None):
 
     run = None
     if args.resume:
-        run = Run.open(args.resume)
+        run = Run.open(args.resume, write=True)
         if run.finished:
             log.info("%s is already finished; nothing to resume", run.path)
             return run, run.read_metrics()

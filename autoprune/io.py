@@ -3,6 +3,7 @@ the critical path, and whole modules as bytes for other processes."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from autoprune.errors import AutopruneError
 
 
 def _read_umask() -> int:
@@ -110,3 +113,41 @@ class BackgroundWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WriterLock:
+    """An exclusive lock on `path` (a lock file) for as long as this process holds the object.
+
+    The operating system drops it when the process ends, however it ends (a `kill -9`
+    leaves no stale lock). A second writer gets one clear error naming the holder's PID.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise AutopruneError(f"{what} is being written by another autoprune process (PID {holder}); wait for "
+                                 "it to finish or stop it") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()

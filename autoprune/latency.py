@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from autoprune.costs import LayerSpec, Link, NetworkDescription, count_cost, group_choices, policy_channels
 from autoprune.errors import AutopruneError
-from autoprune.io import atomic_write_json
+from autoprune.io import WriterLock, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -651,6 +651,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     from autoprune.pruning import ChannelPruner
 
     out = Path(out)
+    lock = WriterLock(out.with_name(f".{out.name}.lock"), f"LUT {out}")  # held until the build returns
     cpus = pin_process(backend.threads) if pin else None
     plan = plan_grid(description, channel_step)
     runtime = {**backend.metadata(), "batch": batch}
@@ -738,6 +739,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     data["build_seconds"] = round(time.perf_counter() - started, 1)
     data["complete"] = True
     atomic_write_json(out, data)
+    lock.release()
     return LatencyTable(data, str(out))
 
 

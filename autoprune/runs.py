@@ -21,13 +21,14 @@ import os
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-from autoprune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
 BEST_POLICY = "best_policy.json"
 METRICS = "metrics.json"
 SEARCH_TIME = "search_seconds.json"  # in state/
+LOCK = ".lock"  # held by the process writing the run
 
 
 def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
@@ -46,21 +47,29 @@ class Run:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.lock: WriterLock | None = None
 
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict) -> Run:
+        """A new run directory, locked for this process."""
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and not run.path.is_dir():
+            raise AutopruneError(f"{run.path} exists and is not a directory; choose another output directory")
+        if run.path.exists() and any(p.name != LOCK for p in run.path.iterdir()):
             raise AutopruneError(f"{run.path} already exists and is not empty; use --resume {run.path} to continue it")
         run.path.mkdir(parents=True, exist_ok=True)
+        run.lock = WriterLock(run.path / LOCK, f"run directory {run.path}")
         atomic_write_json(run.path / CONFIG, config)
         return run
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Run:
+    def open(cls, path: str | os.PathLike, *, write: bool = False) -> Run:
+        """An existing run directory; `write` locks it for this process (to resume it)."""
         run = cls(path)
         if not (run.path / CONFIG).is_file():
             raise AutopruneError(f"{run.path} is not a run directory (no {CONFIG})")
+        if write:
+            run.lock = WriterLock(run.path / LOCK, f"run directory {run.path}")
         return run
 
     @property

@@ -100,7 +100,7 @@ def main() -> int:
                 env = ChannelPruningEnv(evaluator, budget, fill=args.fill)
                 run_path = Path(args.out) / (f"{name}-{budget.tag}-fill{args.fill:g}-seed{seed}-"
                                              f"{datetime.date.today().isoformat()}")
-                run = Run.open(run_path) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
+                run = Run.open(run_path, write=True) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
                 started = time.perf_counter()
                 best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
                                seed=seed, progress=True)

@@ -179,6 +179,15 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
     code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
     assert code == 0, err
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 3
+    # a run directory another process is writing is refused, naming that process
+    import os
+
+    from autoprune.io import WriterLock
+
+    (out / "metrics.json").unlink()
+    with WriterLock(out / ".lock", "run directory"):
+        code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 2 and f"PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
 
 
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):

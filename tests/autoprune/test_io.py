@@ -58,3 +58,31 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     atomic_write_text(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == 0o666 & ~aio._UMASK
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from autoprune.errors import AutopruneError
+    from autoprune.io import WriterLock
+
+    path = tmp_path / ".lock"
+    with WriterLock(path, "run directory X"):
+        # another process is refused, with this process's PID
+        code = ("import sys\nfrom autoprune.io import WriterLock\nfrom autoprune.errors import AutopruneError\n"
+                f"try:\n    WriterLock({str(path)!r}, 'run directory X')\n"
+                "except AutopruneError as e:\n    print(e); sys.exit(3)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3 and f"PID {os.getpid()}" in done.stdout and "run directory X" in done.stdout
+    # released: it can be taken again, also after the holder is gone without releasing
+    WriterLock(path, "run directory X").release()
+    holder = subprocess.Popen([sys.executable, "-c", f"from autoprune.io import WriterLock\n"
+                               f"lock = WriterLock({str(path)!r}, 'x')\nimport os\nos._exit(0)\n"])
+    holder.wait(timeout=60)
+    WriterLock(path, "run directory X").release()
+    with pytest.raises(AutopruneError, match="not a run directory"):
+        from autoprune.runs import Run
+
+        Run.open(tmp_path / "nothing", write=True)
