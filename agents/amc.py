@@ -11,6 +11,7 @@ leak into it.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 from agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
 from autoprune.io import BackgroundWriter, atomic_torch_save
-from autoprune.runs import Run
+from autoprune.runs import BEST_POLICY, HISTORY, Run
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "ddpg_state.pt"
 OLD_STATE_FILE = "ddpg.zip"  # SB3 archive of earlier versions, without the random generators
@@ -30,18 +33,70 @@ def _save_state(run: Run, state: dict) -> None:
     atomic_torch_save(state, run.state_dir / STATE_FILE)
 
 
+def _write_best(run: Run, best: dict) -> None:
+    run.write_best_policy(best["policy"], episode=best["episode"], reward=best["reward"],
+                          accuracy=best["accuracy"], cost_ratio=best["cost_ratio"])
+
+
 def _write_episode(run: Run, best: dict | None, history: list[dict], state: dict) -> None:
-    """One finished episode's files; the state last, since it marks the episode as done."""
+    """One finished episode's files; the state last, since it marks the episode as done. The
+    state holds the history too: it is the source of truth the other files are rebuilt from."""
     if best is not None:
-        run.write_best_policy(best["policy"], episode=best["episode"], reward=best["reward"],
-                              accuracy=best["accuracy"], cost_ratio=best["cost_ratio"])
+        _write_best(run, best)
     run.write_history(history)
-    _save_state(run, state)
+    _save_state(run, {**state, "history": history})
+
+
+def _check_files(run: Run, saved: dict, tracker: EpisodeTracker) -> list[dict]:
+    """The history of the episodes the saved state has finished; history.csv and
+    best_policy.json are rebuilt from the state where they are missing, cut or corrupt."""
+    history = [dict(row) for row in saved["history"][:tracker.episode]]
+    try:
+        on_disk = run.read_history()
+    except AutopruneError:
+        on_disk = None
+    fields = list(history[0]) if history else []
+    if on_disk is None or [{k: row.get(k) for k in fields} for row in on_disk[:len(history)]] != \
+            [{k: str(v) if v is not None else "" for k, v in row.items()} for row in history]:
+        log.warning("%s does not match the saved search state (missing, cut or changed); rebuilt it from the state",
+                    run.path / HISTORY)
+        run.write_history(history)
+    best = tracker.best
+    try:
+        on_disk_best = run.read_best_policy()
+    except AutopruneError:
+        on_disk_best = None
+    if best is not None and (on_disk_best is None or on_disk_best.get("policy") != best["policy"]):
+        log.warning("%s does not match the saved search state; rebuilt it from the state", run.path / BEST_POLICY)
+        _write_best(run, best)
+    return history
+
+
+def _load_state(path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, zip errors: all mean a damaged file
+        raise AutopruneError(f"the search state {path} is damaged ({type(exc).__name__}); delete {path.parent} "
+                             "to restart the search from scratch, keeping the other files for reference") from None
+    if not isinstance(state, dict) or "tracker" not in state:
+        raise AutopruneError(f"{path} is not an autoprune search state; delete {path.parent} to restart the search")
+    return state
+
+
+def _complete_rows(run: Run, episodes: int) -> list[dict]:
+    history = run.read_history()
+    required = ("episode", "reward", "accuracy", "cost_ratio")
+    bad = [i + 1 for i, row in enumerate(history[:episodes]) if any(not row.get(k) for k in required)]
+    if len(history) < episodes or bad:
+        raise AutopruneError(f"{run.path / HISTORY} lacks or cuts rows of the {episodes} episodes the saved state "
+                             f"has finished{f' (row {bad[0]})' if bad else ''}, and this state cannot rebuild them; "
+                             "restore the file or start a new search")
+    return history
 
 
 def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = True) -> dict:
     """Search with AMC's DDPG for `config.episodes` episodes (continuing a killed run)."""
-    history = run.read_history()
+    history: list[dict] = []
     groups = len(env.unwrapped.groups)
     state = run.state_dir
     agent, noise = make_agent(env, config, seed)
@@ -50,7 +105,12 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
         raise AutopruneError(f"{run.path} was written by an earlier autoprune whose AMC state cannot be resumed "
                              "exactly; start a new search")
     if (state / STATE_FILE).is_file():
-        restore_agent_state(agent, tracker, torch.load(state / STATE_FILE, map_location="cpu", weights_only=False))
+        saved = _load_state(state / STATE_FILE)
+        restore_agent_state(agent, tracker, saved)
+        if "history" in saved:
+            history = _check_files(run, saved, tracker)
+        else:  # a state written before it held the history: the file must hold every finished episode
+            history = _complete_rows(run, tracker.episode)
     # rows written after the last saved state (or before the first) are redone
     history = history[:tracker.episode]
     remaining = config.episodes - tracker.episode

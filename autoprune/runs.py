@@ -75,8 +75,8 @@ class Run:
     @property
     def config(self) -> dict:
         try:
-            return json.loads((self.path / CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            return json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AutopruneError(f"cannot read {self.path / CONFIG}: {exc}") from None
 
     @property
@@ -87,8 +87,11 @@ class Run:
         path = self.path / HISTORY
         if not path.is_file():
             return []
-        with open(path, newline="") as fh:
-            return list(csv.DictReader(fh))
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise AutopruneError(f"{path} is not readable CSV ({type(exc).__name__})") from None
 
     def write_history(self, rows: list[dict]) -> None:
         if not rows:
@@ -104,7 +107,15 @@ class Run:
 
     def read_best_policy(self) -> dict | None:
         path = self.path / BEST_POLICY
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AutopruneError(f"{path} is not readable JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
+            raise AutopruneError(f"{path} holds no policy")
+        return data
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.path / METRICS, metrics)
@@ -119,9 +130,9 @@ class Run:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AutopruneError(f"cannot read {path}: {exc}") from None
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AutopruneError(f"cannot read {path}: {type(exc).__name__}") from None
 
     def add_search_seconds(self, seconds: float) -> float:
         """Add one search session's wall time to the run's total and return the total, so a

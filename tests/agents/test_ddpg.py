@@ -96,3 +96,61 @@ def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch)
         assert [r[key] for r in rows] == [r[key] for r in expected]
     assert best["policy"] == reference.read_best_policy()["policy"]
     assert run.read_best_policy()["policy"] == best["policy"]
+
+
+def _cut_mid_line(path):
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # row 3 cut in the middle
+
+
+@pytest.mark.parametrize("damage", [
+    ("history cut mid-line", "history.csv", _cut_mid_line),
+    ("history deleted", "history.csv", lambda p: p.unlink()),
+    ("history random bytes", "history.csv", lambda p: p.write_bytes(bytes(range(256)) * 4)),
+    ("best policy deleted", "best_policy.json", lambda p: p.unlink()),
+    ("best policy random bytes", "best_policy.json", lambda p: p.write_bytes(b"\xff\xfe" * 50)),
+], ids=lambda d: d[0])
+def test_resume_rebuilds_damaged_run_files_from_the_state(env, tmp_path, monkeypatch, damage):
+    import agents.amc as amc
+    from autoprune.runs import Run
+
+    _, name, spoil = damage
+    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
+    amc.run_amc(reference, env, SMALL, seed=3, progress=False)
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    real_save = amc._save_state
+    calls = {"n": 0}
+
+    def save_then_die(*args):
+        real_save(*args)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(amc, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        amc.run_amc(run, env, SMALL, seed=3, progress=False)
+    monkeypatch.setattr(amc, "_save_state", real_save)
+    spoil(run.path / name)
+    amc.run_amc(run, env, SMALL, seed=3, progress=False)
+    rows, expected = run.read_history(), reference.read_history()
+    assert [int(r["episode"]) for r in rows] == list(range(1, 7))
+    for key in ("reward", "accuracy", "cost_ratio", "noise_sigma"):
+        assert [r[key] for r in rows] == [r[key] for r in expected]
+    assert run.read_best_policy()["policy"] == reference.read_best_policy()["policy"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x03garbage" * 10], ids=["empty", "random bytes"])
+def test_a_damaged_state_is_refused_in_one_line(env, tmp_path, content):
+    import agents.amc as amc
+    from autoprune.errors import AutopruneError
+    from autoprune.runs import Run
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    run.state_dir.mkdir()
+    (run.state_dir / amc.STATE_FILE).write_bytes(content)
+    with pytest.raises(AutopruneError, match="damaged") as info:
+        amc.run_amc(run, env, SMALL, seed=3, progress=False)
+    assert "\n" not in str(info.value)
