@@ -41,7 +41,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "else fashion-mnist)")
     p.add_argument("--data-dir", default=None, help="directory holding the data set's files")
     p.add_argument("--no-download", action="store_true", help="never download missing data files")
-    p.add_argument("--val-size", type=int, default=5000, help="images held out from training for validation")
+    p.add_argument("--val-size", type=nonneg_int, default=5000, help="images held out from training for validation")
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_help: str = "the shipped ResNet-20 on Fashion-MNIST") -> None:
@@ -724,31 +724,31 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--fill", type=float, default=DEFAULT_FILL,
                    help="ddpg and random: share of the budget every episode is steered to use, through a lower "
                         f"action bound (default: {DEFAULT_FILL:g}; 0: AMC's upper bound only)")
-    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
-    p.add_argument("--val-images", type=int, default=1000,
+    p.add_argument("--channel-multiple", type=pos_int, default=1, help="round kept channels to this multiple")
+    p.add_argument("--val-images", type=pos_int, default=1000,
                    help="validation images scored per candidate (a fixed subset of the validation split)")
-    p.add_argument("--bn-batches", type=int, default=10, help="training batches (64 images) for BN recalibration")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="long-term fine-tune of the best policy")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--bn-batches", type=nonneg_int, default=10, help="training batches (64 images) for BN recalibration")
+    p.add_argument("--finetune-epochs", type=nonneg_int, default=5, help="long-term fine-tune of the best policy")
+    p.add_argument("--finetune-lr", type=pos_float, default=0.01)
     if seed:
         p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     ddpg = p.add_argument_group("ddpg (AMC)")
-    ddpg.add_argument("--episodes", type=int, default=400, help="episodes in all, warm-up included (AMC: 400)")
-    ddpg.add_argument("--warmup-episodes", type=int, default=100, help="episodes of random actions first (AMC: 100)")
+    ddpg.add_argument("--episodes", type=pos_int, default=400, help="episodes in all, warm-up included (AMC: 400)")
+    ddpg.add_argument("--warmup-episodes", type=nonneg_int, default=100, help="episodes of random actions first (AMC: 100)")
     ddpg.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
     baselines = p.add_argument_group("random and sensitivity baselines")
-    baselines.add_argument("--samples", type=int, default=100, help="random: policies drawn (default: 100)")
-    baselines.add_argument("--sensitivity-step", type=float, default=0.1,
+    baselines.add_argument("--samples", type=pos_int, default=100, help="random: policies drawn (default: 100)")
+    baselines.add_argument("--sensitivity-step", type=pos_float, default=0.1,
                            help="sensitivity: spacing of the keep ratios on each group's curve (default: 0.1)")
     netadapt = p.add_argument_group("netadapt (defaults: NetAdapt's own)")
-    netadapt.add_argument("--workers", type=int, default=None, help="proposals evaluated in parallel")
-    netadapt.add_argument("--short-term-steps", type=int, default=None,
+    netadapt.add_argument("--workers", type=pos_int, default=None, help="proposals evaluated in parallel")
+    netadapt.add_argument("--short-term-steps", type=nonneg_int, default=None,
                           help="fine-tuning steps for each proposal")
-    netadapt.add_argument("--initial-reduction", type=float, default=None,
+    netadapt.add_argument("--initial-reduction", type=pos_float, default=None,
                           help="resource cut of the first iteration, as a fraction of the unpruned model's")
-    netadapt.add_argument("--reduction-decay", type=float, default=None, help="factor on the cut per iteration")
-    netadapt.add_argument("--max-iterations", type=int, default=None, help="stop after this many iterations")
+    netadapt.add_argument("--reduction-decay", type=pos_float, default=None, help="factor on the cut per iteration")
+    netadapt.add_argument("--max-iterations", type=pos_int, default=None, help="stop after this many iterations")
     netadapt.add_argument("--measure-latency", choices=("auto", "on", "off"), default=None,
                           help="latency budgets: time the network on this machine (in a separate process) after "
                                "every iteration and stop on the measured latency (auto: when the LUT was measured on "
@@ -756,7 +756,7 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autoprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Find how many channels to keep in each layer of a trained CNN under a budget, "
                     "remove them, fine-tune, and report what was gained.")
@@ -765,14 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a zoo model (SGD, cosine schedule; resumes if killed)")
     p.add_argument("--model", default="resnet20", help="zoo model name (default: resnet20)")
-    p.add_argument("--width", type=float, default=None, help="width multiplier (default: the model's own)")
+    p.add_argument("--width", type=pos_float, default=None, help="width multiplier (default: the model's own)")
     _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--epochs", type=pos_int, default=30)
+    p.add_argument("--batch-size", type=pos_int, default=256)
+    p.add_argument("--lr", type=pos_float, default=0.1)
+    p.add_argument("--weight-decay", type=nonneg_float, default=5e-4)
     p.add_argument("--no-augment", action="store_true", help="no random crops or flips")
-    p.add_argument("--max-steps", type=int, default=None, help="cap SGD steps per epoch (quick runs)")
+    p.add_argument("--max-steps", type=pos_int, default=None, help="cap SGD steps per epoch (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/MODEL-DATA.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -798,8 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="uniform:RATIO or a JSON file {group: keep_ratio}")
     p.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"),
                    help="which channels to keep inside a group (default: l1)")
-    p.add_argument("--channel-multiple", type=int, default=1, help="round kept channels to this multiple")
-    p.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
+    p.add_argument("--channel-multiple", type=pos_int, default=1, help="round kept channels to this multiple")
+    p.add_argument("--bn-batches", type=nonneg_int, default=20, help="training batches for BN recalibration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="pruned/model.pt2",
                    help="pruned model file (torch.export; loads without the model's class)")
@@ -841,17 +841,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
     p.add_argument("--backend", default="torch", help="torch (eager, CPU) or onnxruntime")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (the process is pinned to as many CPUs)")
+    p.add_argument("--threads", type=pos_int, default=1, help="intra-op threads (the process is pinned to as many CPUs)")
     p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default=None,
                    help="ONNX Runtime graph optimisation level (default: extended; 'all' adds the NCHWc layout "
                         "transform, which only channel counts that are multiples of 8 keep)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--channel-step", type=int, default=4, help="grid spacing of channel counts")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs before each entry")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per entry (the median is kept)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--batch", type=pos_int, default=1)
+    p.add_argument("--channel-step", type=pos_int, default=4, help="grid spacing of channel counts")
+    p.add_argument("--warmup", type=nonneg_int, default=10, help="untimed runs before each entry")
+    p.add_argument("--runs", type=pos_int, default=50, help="timed runs per entry (the median is kept)")
+    p.add_argument("--rounds", type=pos_int, default=3,
                    help="passes over the grid; each entry keeps its fastest pass (interference only adds time)")
-    p.add_argument("--calibration-samples", type=int, default=8,
+    p.add_argument("--calibration-samples", type=pos_int, default=8,
                    help="random pruned networks timed whole to calibrate the layer sum")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="LUT file (default: latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json)")
@@ -863,16 +863,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
-    p.add_argument("--samples", type=int, default=30, help="random policies (keep ratios in --keep-range)")
+    p.add_argument("--samples", type=pos_int, default=30, help="random policies (keep ratios in --keep-range)")
     p.add_argument("--keep-range", default="0.2,1", help="LO,HI: keep ratios of the random policies (default "
                    "0.2,1; 0.05,0.4 draws networks as small as tight latency budgets give)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random policies (the build calibrates on 0)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=pos_int, default=None,
                    help="passes over the sample networks; each keeps its fastest (default: max(5, the LUT's))")
     p.add_argument("--out", default=None, help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_lut_validate)
     return parser
+
+
+def _bounded(kind: type, low: float, strict: bool):
+    """An argparse type: a number of `kind` above (`strict`) or at least `low`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if value != value or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} {'above' if strict else 'at least'} {low}"
+    return parse
+
+
+pos_int, nonneg_int = _bounded(int, 1, False), _bounded(int, 0, False)
+pos_float, nonneg_float = _bounded(float, 0.0, True), _bounded(float, 0.0, False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage dump), like every other autoprune error."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoprune: error: {message} (see `{self.prog} --help`)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -419,3 +419,25 @@ def test_train_with_the_same_seed_gives_the_same_weights(tmp_path, capsys):
     first, second = (torch.load(p, weights_only=False)["state_dict"] for p in paths)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--lr", "-1"], "--lr: must be above 0.0"),
+    (["train", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["train", "--epochs", "-2"], "--epochs: must be at least 1"),
+    (["lut", "build", "--channel-step", "0"], "--channel-step: must be at least 1"),
+    (["lut", "build", "--threads", "0"], "--threads: must be at least 1"),
+    (["lut", "build", "--batch", "0"], "--batch: must be at least 1"),
+    (["search", "--val-images", "-5"], "--val-images: must be at least 1"),
+    (["search", "--val-images", "0"], "--val-images: must be at least 1"),
+    (["search", "--bn-batches", "-1"], "--bn-batches: must be at least 0"),
+    (["search", "--episodes", "ten"], "'ten' is not an integer"),
+    (["search", "--finetune-lr", "nan"], "--finetune-lr: must be above 0.0"),
+])
+def test_out_of_range_numbers_are_refused_in_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
