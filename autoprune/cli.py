@@ -257,7 +257,12 @@ def _model_and_shape(args):
     from autoprune.models import ZOO, build_model
 
     if args.model in ZOO:
+        from autoprune.models import load_model
+
         shape = _input_shape(args, {})
+        if getattr(args, "weights", None):  # read them: a missing or broken file must not pass unnoticed
+            return load_model(args.model, args.weights, in_channels=shape[0], input_size=shape[1])[0], shape, \
+                args.model
         return build_model(args.model, in_channels=shape[0], input_size=shape[1]), shape, args.model
     model, meta = _load_model_for(args)
     return model, _input_shape(args, meta), args.model or "default (resnet20 on fashion-mnist)"

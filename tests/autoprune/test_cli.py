@@ -441,3 +441,11 @@ def test_out_of_range_numbers_are_refused_in_one_line(argv, message, tmp_path, c
     err = capsys.readouterr().err
     assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_info_reads_the_weights_it_is_given(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(200))
+    for weights, message in ((tmp_path / "missing.pt", "not found"), (garbage, "cannot load")):
+        code, _, err = run(capsys, "info", "--model", "resnet20", "--weights", str(weights))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
