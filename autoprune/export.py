@@ -52,7 +52,9 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
         raise AutopruneError(f"cannot load exported model {path}: {exc}") from None
     meta = json.loads(extra[META_FILE]) if extra.get(META_FILE) else {}
-    return program.module(), meta
+    module = program.module()
+    module.autoprune_inference_only = str(path)  # runs and evaluates, but cannot be traced for pruning
+    return module, meta
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, int, int],

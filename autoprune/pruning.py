@@ -271,6 +271,11 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     The classifier (the layer producing the model's output) is never pruned. Groups are
     ranked in index order; `ChannelPruner` ranks them by its criterion.
     """
+    exported = getattr(model, "autoprune_inference_only", None)
+    if exported:
+        raise AutopruneError(f"{exported} is an inference-only torch.export program: it can be evaluated, not "
+                             "described or pruned; to prune further, replay its run's best_policy.json on the base "
+                             "model")
     example = _example(input_shape)
     trace = _trace(model, example)
     graph = _build_graph(model, example)

@@ -51,6 +51,10 @@ def test_info_prune_eval_round_trip(checkpoint, tmp_path, capsys):
     code, out, err = run(capsys, "eval", "--model", str(pruned), "--val-size", "400")
     assert code == 0, err
     assert f"accuracy {metrics['test_accuracy_recalibrated']:.4f}" in out
+    for command in (["info"], ["prune", "--val-size", "400", "--policy", "uniform:0.5", "--out",
+                                str(tmp_path / "twice.pt2")]):
+        code, _, err = run(capsys, command[0], "--model", str(pruned), *command[1:])
+        assert code == 2 and "inference-only" in err and len(err.strip().splitlines()) == 1, err
 
     # a policy file replays to the same network
     again = tmp_path / "again.pt2"
