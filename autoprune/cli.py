@@ -484,8 +484,19 @@ def run_search(args, loaded=None):
     `args.resume`, the settings saved in that run directory are used (a finished run is
     returned as it is). Every check that
     can refuse the settings runs before the run directory is created. `loaded` is an
-    already loaded (model, meta, data) for these settings, which a sweep shares.
+    already loaded (model, meta, data) for these settings, which a sweep shares. The run
+    directory is locked while this writes it.
     """
+    opened: list = []
+    try:
+        return _run_search(args, loaded, opened)
+    finally:
+        for run in opened:
+            if run.lock is not None:
+                run.lock.release()
+
+
+def _run_search(args, loaded, opened: list):
     from autoprune.budgets import check_reachable
     from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
     from autoprune.report import finish_run
@@ -495,6 +506,7 @@ def run_search(args, loaded=None):
     run = None
     if args.resume:
         run = Run.open(args.resume, write=True)
+        opened.append(run)
         if run.finished:
             log.info("%s is already finished; nothing to resume", run.path)
             return run, run.read_metrics()
@@ -549,6 +561,7 @@ def run_search(args, loaded=None):
             config["sweep"] = args.sweep
         path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
         run = Run.create(path, config)
+        opened.append(run)
     started = time.perf_counter()
     result, breakdown = search(run)
     session_seconds = time.perf_counter() - started
