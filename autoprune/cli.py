@@ -477,6 +477,37 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
     return search, None
 
 
+def _check_resume_flags(args, saved: dict, path: Path) -> None:
+    """A resumed search runs with its saved settings: refuse flags given now that say otherwise."""
+    defaults = vars(build_parser().parse_args(["search"]))
+    differ = [f"--{key.replace('_', '-')} {getattr(args, key)} (saved: {saved[key]})" for key in SEARCH_KEYS
+              if key in saved and key not in NETADAPT_RESUME_OVERRIDES and hasattr(args, key)
+              and getattr(args, key) != defaults.get(key) and getattr(args, key) != saved[key]]
+    if differ:
+        raise AutopruneError(f"--resume continues {path} with the settings it was started with; these differ: "
+                             f"{'; '.join(differ)}. Drop them, or start a new search with --out")
+
+
+def _check_writable_dir(path: Path) -> None:
+    """Refuse an output directory that is a file, holds another run, or cannot be written."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise AutopruneError(f"{path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
+        raise AutopruneError(f"{path} already exists and is not empty; use --resume {path} to continue it")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AutopruneError(f"cannot create {path}: {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise AutopruneError(f"cannot write under {ancestor} ({exc.strerror}); choose another --out") from None
+
+
 def run_search(args, loaded=None):
     """Search, prune, fine-tune and report into a run directory; returns (run, metrics).
 
@@ -511,6 +542,7 @@ def _run_search(args, loaded, opened: list):
             log.info("%s is already finished; nothing to resume", run.path)
             return run, run.read_metrics()
         saved = run.config
+        _check_resume_flags(args, saved, run.path)
         args.resume_overrides = {key: getattr(args, key) for key in NETADAPT_RESUME_OVERRIDES
                                  if getattr(args, key, None) is not None}
         for key in SEARCH_KEYS:
@@ -523,6 +555,10 @@ def _run_search(args, loaded, opened: list):
     args.criterion = args.criterion or _default_criterion(args.agent)
     if args.agent == "netadapt":
         _import_netadapt()
+    path = None
+    if run is None:  # where the run goes is checked before any work is done
+        path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
+        _check_writable_dir(path)
 
     seed_everything(args.seed)
     model, meta, data = loaded if loaded is not None else _model_and_data(args)
@@ -559,7 +595,6 @@ def _run_search(args, loaded, opened: list):
             config["agent_config"] = agent_config
         if getattr(args, "sweep", None):
             config["sweep"] = args.sweep
-        path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
         run = Run.create(path, config)
         opened.append(run)
     started = time.perf_counter()

@@ -150,8 +150,16 @@ def multiplier_net(in_channels: int = 1) -> Net:
     return Net(conv_unit(in_channels, 8, 3, act="hardswish"), blocks, 16, "flatten", 2, act="hardswish")
 
 
+def separable_first_net(in_channels: int = 1) -> Net:
+    """A depthwise-separable first layer (depthwise on the image, then pointwise), a VGG-style
+    flatten into two linear layers."""
+    stem = SeparableDown(in_channels, 16, 1, "bn", "relu6")
+    blocks = [ResidualBlock(16, "bn", "relu6"), SeparableDown(16, 24, 1, "bn", "relu6")]
+    return Net(stem, blocks, 24, "flatten", 2, act="relu6")
+
+
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
-         "multiplier": multiplier_net}
+         "multiplier": multiplier_net, "separable_first": separable_first_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:

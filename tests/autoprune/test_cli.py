@@ -11,7 +11,10 @@ from autoprune.cli import main
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exited:  # argparse refuses malformed flags before any command runs
+        code = exited.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -192,6 +195,16 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
     with WriterLock(out / ".lock", "run directory"):
         code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
     assert code == 2 and f"PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+    # flags that contradict the saved settings are refused, naming them
+    code, _, err = run(capsys, "search", "--resume", str(out), "--budget", "30%flops", "--episodes", "50", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--budget 30%flops (saved: 50%flops)" in err and "--episodes 50 (saved: 3)" in err
+    # an output directory that is a file, or that cannot be written, is refused before any work
+    (tmp_path / "a_file").write_text("x")
+    for target, message in ((tmp_path / "a_file", "is not a directory"), ("/proc/autoprune-run", "cannot write")):
+        code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out",
+                           str(target), *SEARCH_FAST)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):
@@ -301,7 +314,8 @@ def test_search_refuses_bad_agent_settings_before_creating_the_run(checkpoint, t
     foreign = tmp_path / "foreign-lut.json"
     foreign.write_text(json.dumps({"format": "autoprune-latency-lut", "version": 1, "complete": True,
                                    "model": {"name": "someone-else", "fingerprint": "0123456789abcdef"},
-                                   "runtime": {"backend": "torch", "threads": 1, "batch": 1}, "entries": {}}))
+                                   "runtime": {"backend": "torch", "threads": 1, "batch": 1},
+                                   "entries": {"linear|bias=1|post=none": {"in": [1], "out": [1], "ms": [[0.01]]}}}))
     cases = {
         "unknown agent": (["--agent", "genetic", "--budget", "50%flops"],
                           "unknown agent 'genetic'; choose one of ddpg, netadapt, uniform, random, sensitivity"),
