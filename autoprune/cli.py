@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -974,6 +975,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoprune: interrupted; finished work is saved, repeat the command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line for the user, the traceback on disk
+        path = _write_traceback()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"autoprune: internal error ({type(exc).__name__}: {first}); the full traceback is in {path} "
+              "(please attach it to a bug report)", file=sys.stderr)
+        return 1
+
+
+def _write_traceback() -> str:
+    """The current exception's traceback, in a file of its own; returns where."""
+    import tempfile
+    import traceback
+
+    directory = Path(os.environ.get("AUTOPRUNE_LOG_DIR") or Path.home() / ".cache" / "autoprune" / "crashes")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=directory, prefix=time.strftime("crash-%Y%m%d-%H%M%S-"), suffix=".txt")
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix="autoprune-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"autoprune {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exc(file=fh)
+    return path
 
 
 if __name__ == "__main__":

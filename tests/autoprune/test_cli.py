@@ -467,3 +467,19 @@ def test_info_reads_the_weights_it_is_given(tmp_path, capsys):
     for weights, message in ((tmp_path / "missing.pt", "not found"), (garbage, "cannot load")):
         code, _, err = run(capsys, "info", "--model", "resnet20", "--weights", str(weights))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_internal_error_is_one_line_and_a_traceback_file(tmp_path, capsys, monkeypatch):
+    import autoprune.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something inside went wrong\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setenv("AUTOPRUNE_LOG_DIR", str(tmp_path))
+    code, _, err = run(capsys, "info")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "RuntimeError: something inside went wrong" in lines[0]
+    written = list(tmp_path.glob("crash-*.txt"))
+    assert len(written) == 1 and str(written[0]) in lines[0]
+    assert "Traceback" in written[0].read_text() and "broken" in written[0].read_text()
