@@ -94,10 +94,31 @@ def _complete_rows(run: Run, episodes: int) -> list[dict]:
     return history
 
 
-def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = True) -> dict:
-    """Search with AMC's DDPG for `config.episodes` episodes (continuing a killed run)."""
+def _ledger(evaluator, agent_seconds: float, search_seconds: float) -> dict:
+    """The search's running totals at the end of an episode (saved with the state, so that a
+    resumed search reports the whole search, not only its last session)."""
+    return {"evaluations": evaluator.evaluations, "timings": dict(evaluator.timings),
+            "evaluator_seconds": evaluator.seconds, "agent_seconds": agent_seconds, "search_seconds": search_seconds}
+
+
+def _restore_ledger(run: Run, evaluator, ledger: dict) -> None:
+    evaluator.evaluations = int(ledger["evaluations"])
+    evaluator.timings.update(ledger["timings"])
+    evaluator.seconds = float(ledger["evaluator_seconds"])
+    run.raise_search_seconds(float(ledger["search_seconds"]))
+
+
+def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = True,
+            restored: dict | None = None) -> dict:
+    """Search with AMC's DDPG for `config.episodes` episodes (continuing a killed run).
+
+    On resume the evaluator's counters are put back to the saved totals; `restored`, if
+    given, receives the agent's own seconds of the earlier sessions ("agent_seconds").
+    """
     history: list[dict] = []
     groups = len(env.unwrapped.groups)
+    evaluator = env.unwrapped.evaluator
+    before = {"agent_seconds": 0.0, "search_seconds": 0.0}
     state = run.state_dir
     agent, noise = make_agent(env, config, seed)
     tracker = EpisodeTracker(noise, config.warmup_episodes)
@@ -111,12 +132,18 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
             history = _check_files(run, saved, tracker)
         else:  # a state written before it held the history: the file must hold every finished episode
             history = _complete_rows(run, tracker.episode)
+        if "ledger" in saved:
+            _restore_ledger(run, evaluator, saved["ledger"])
+            before = {key: float(saved["ledger"][key]) for key in before}
+    if restored is not None:
+        restored.update(agent_seconds=before["agent_seconds"])
     # rows written after the last saved state (or before the first) are redone
     history = history[:tracker.episode]
     remaining = config.episodes - tracker.episode
     bar = tqdm(total=config.episodes, initial=tracker.episode, desc="AMC search", unit="episode",
                disable=not progress)
     started = [time.perf_counter()]
+    session_start, env_seconds_start = started[0], env.unwrapped.seconds
     base = env.unwrapped.base_costs()
     writer = BackgroundWriter()
 
@@ -130,8 +157,11 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                        | {"seconds": round(now - started[0], 3)})
         started[0] = now
         improved = tracker.best is record  # the tracker made this episode the best before calling here
+        session = now - session_start
+        agent_seconds = before["agent_seconds"] + max(0.0, session - (env.unwrapped.seconds - env_seconds_start))
+        ledger = _ledger(evaluator, agent_seconds, before["search_seconds"] + session)
         writer.submit(_write_episode, run, record if improved else None, list(history),
-                      agent_state(agent, tracker))
+                      {**agent_state(agent, tracker), "ledger": ledger})
         bar.update(1)
         best = tracker.best or record
         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy']:.4f}")

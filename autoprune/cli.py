@@ -432,10 +432,11 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
         config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
 
         def search_ddpg(run):
-            started = time.perf_counter()
-            best = run_amc(run, env, config, seed=args.seed, progress=progress)
+            started, env_started, restored = time.perf_counter(), env.seconds, {}
+            best = run_amc(run, env, config, seed=args.seed, progress=progress, restored=restored)
             elapsed = time.perf_counter() - started
-            return best, {**evaluator.timings, "agent": max(0.0, elapsed - env.seconds)}
+            agent = restored.get("agent_seconds", 0.0) + max(0.0, elapsed - (env.seconds - env_started))
+            return best, {**evaluator.timings, "agent": agent}
 
         return search_ddpg, None
     if args.agent == "netadapt":

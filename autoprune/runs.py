@@ -143,6 +143,14 @@ class Run:
         atomic_write_json(path, {"seconds": total})
         return total
 
+    def raise_search_seconds(self, seconds: float) -> None:
+        """Make the run's search time at least `seconds` (what a searcher's saved state says
+        its earlier sessions spent, killed ones included)."""
+        path = self.state_dir / SEARCH_TIME
+        previous = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        if seconds > previous:
+            atomic_write_json(path, {"seconds": seconds})
+
     def plot_keep_ratios(self, policy: dict, channels: dict[str, int], title: str) -> Path:
         """Bar chart of the keep ratio of every group (PNG)."""
         import matplotlib

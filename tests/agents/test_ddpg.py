@@ -154,3 +154,40 @@ def test_a_damaged_state_is_refused_in_one_line(env, tmp_path, content):
     with pytest.raises(AutopruneError, match="damaged") as info:
         amc.run_amc(run, env, SMALL, seed=3, progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_a_resumed_search_counts_the_work_of_every_session(trained_tiny, synthetic_data, tmp_path, monkeypatch):
+    import agents.amc as amc
+    from autoprune.runs import SEARCH_TIME, Run
+
+    def fresh_env():  # a new process: nothing cached, nothing counted
+        return ChannelPruningEnv(PolicyEvaluator(trained_tiny, synthetic_data, FAST), parse_budget("50%flops"))
+
+    reference_env = fresh_env()
+    amc.run_amc(Run.create(tmp_path / "ref", {"agent": "ddpg"}), reference_env, SMALL, seed=3, progress=False)
+    reference = reference_env.evaluator.evaluations
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    real_save, calls = amc._save_state, {"n": 0}
+
+    def save_then_die(*args):
+        real_save(*args)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(amc, "_save_state", save_then_die)
+    first = fresh_env()
+    with pytest.raises(KeyboardInterrupt):
+        amc.run_amc(run, first, SMALL, seed=3, progress=False)
+    monkeypatch.setattr(amc, "_save_state", real_save)
+    killed_session = first.evaluator.evaluations
+    second, restored = fresh_env(), {}
+    amc.run_amc(run, second, SMALL, seed=3, progress=False, restored=restored)
+    # the resumed process reports the killed session's evaluations and time as well as its own
+    assert second.evaluator.evaluations >= reference > second.evaluator.evaluations - killed_session
+    assert second.evaluator.timings["validation"] > first.evaluator.timings["validation"] * 0.5
+    assert restored["agent_seconds"] > 0
+    import json
+
+    assert json.loads((run.state_dir / SEARCH_TIME).read_text())["seconds"] > 0

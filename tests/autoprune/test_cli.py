@@ -205,6 +205,13 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
         code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out",
                            str(target), *SEARCH_FAST)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    # resumed after a kill in fine-tuning (metrics.json not yet written), it reports the whole search
+    code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["candidate_evaluations"] == metrics["candidate_evaluations"] > 0
+    assert again["search_seconds"] >= metrics["search_seconds"]
+    assert again["search_breakdown_seconds"]["validation"] == pytest.approx(breakdown["validation"])
 
 
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):
