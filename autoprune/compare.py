@@ -50,9 +50,12 @@ class RunRecord:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AutopruneError(f"cannot read {path}: {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AutopruneError(f"cannot read {path} ({type(exc).__name__}): the file is damaged") from None
+    if not isinstance(data, dict):
+        raise AutopruneError(f"{path} does not hold a JSON object: the file is damaged")
+    return data
 
 
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[RunRecord]:

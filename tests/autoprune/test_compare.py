@@ -92,6 +92,17 @@ def test_compare_refuses_an_unfinished_run(finished_runs, tmp_path):
         load_runs([finished_runs[1], unfinished])
 
 
+@pytest.mark.parametrize("name", ["config.json", "metrics.json"])
+@pytest.mark.parametrize("content", [bytes(range(256)), b"[1, 2]"], ids=["random bytes", "not an object"])
+def test_compare_refuses_a_damaged_run_file_naming_it(finished_runs, tmp_path, name, content):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_runs[0], damaged)
+    (damaged / name).write_bytes(content)
+    with pytest.raises(AutopruneError, match="damaged") as info:
+        load_runs([finished_runs[1], damaged])
+    assert str(damaged / name) in str(info.value)
+
+
 def test_pareto_front_keeps_the_runs_nothing_beats():
     costs = [50.0, 30.0, 70.0, 50.0, math.nan]
     accuracies = [90.0, 85.0, 89.0, 91.0, 99.0]

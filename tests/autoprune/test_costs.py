@@ -69,3 +69,10 @@ def test_description_round_trips_through_a_dict():
     again = NetworkDescription.from_dict(d.to_dict())
     assert again.layers == d.layers and again.groups == d.groups
     assert count_cost(again, {"conv1": 3, "conv2": 1}) == count_cost(d, {"conv1": 3, "conv2": 1})
+
+
+@pytest.mark.parametrize("value", [True, "0.5", None])
+def test_a_keep_ratio_that_is_not_a_number_is_refused(value):
+    d = describe_network(TwoConvNet(), (1, 10, 10))
+    with pytest.raises(AutopruneError, match="not a number"):
+        check_policy(d, {"conv1": value})
