@@ -374,6 +374,30 @@ def _load_state(run: Run, fingerprint: dict) -> dict | None:
     return state
 
 
+def _resumed_history(run: Run, state: dict) -> list[dict]:
+    """The iterations the saved state has finished; history.csv is rebuilt from the state when
+    it is missing, cut or corrupt (a state without the history needs a complete file)."""
+    rows = int(state["rows"])
+    try:
+        on_disk = run.read_history()
+    except AutopruneError:
+        on_disk = None
+    if "history" in state:
+        history = [dict(row) for row in state["history"][:rows]]
+        as_text = [{k: "" if v is None else str(v) for k, v in row.items()} for row in history]
+        if on_disk is None or [{k: row.get(k) for k in r} for row, r in zip(on_disk, as_text)] != as_text \
+                or len(on_disk) < rows:
+            log.warning("%s does not match the saved NetAdapt state; rebuilt it from the state",
+                        run.path / "history.csv")
+            run.write_history(history)
+        return history
+    if on_disk is None or len(on_disk) < rows or any(not row.get("iteration") or not row.get("accuracy")
+                                                     for row in on_disk[:rows]):
+        raise AutopruneError(f"{run.path / 'history.csv'} lacks or cuts rows of the {rows} iterations the saved "
+                             "state has finished; restore the file or delete the run's state/ to start over")
+    return on_disk[:rows]
+
+
 def _save_state(run: Run, model: nn.Module, state: dict) -> None:
     run.state_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model, run.state_dir / MODEL_FILE)  # the model first: a state always has its model
@@ -472,7 +496,7 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
                                  "channel counts (an earlier autoprune chose channels another way); delete "
                                  f"{run.state_dir} to start over")
         iteration, accuracy = int(state["iteration"]), state["accuracy"]
-        history = run.read_history()[:int(state["rows"])]
+        history = _resumed_history(run, state)
         measured_base, measured = state.get("measured_base_ms"), state.get("measured_ms")
         log.info("resuming NetAdapt after iteration %d", iteration)
     else:
@@ -536,7 +560,7 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
             run.write_best_policy(policy, iteration=iteration, accuracy=accuracy,
                                   cost_ratio=value / search.base_value, channels=dict(kept))
             _save_state(run, model, {"iteration": iteration, "kept": kept, "step": step, "accuracy": accuracy,
-                                     "rows": len(history), "measured_base_ms": measured_base,
+                                     "rows": len(history), "history": history, "measured_base_ms": measured_base,
                                      "measured_ms": measured, "fingerprint": fingerprint})
             log.info("iteration %d: %s %d -> %d channels, accuracy %.4f, %s at %.1f%% of base", iteration,
                      best.group, before, best.channels_after, accuracy, budget.metric,

@@ -161,6 +161,20 @@ def test_resume_after_interruptions_equals_an_uninterrupted_search(flops_search,
         run_netadapt(run, evaluator, budget, config=SMALL, seed=4, progress=False)
 
 
+@pytest.mark.parametrize("spoil", [lambda p: p.unlink(), lambda p: p.write_text(p.read_text()[:-25]),
+                                   lambda p: p.write_bytes(bytes(range(256)))], ids=["deleted", "cut", "random"])
+def test_a_damaged_history_is_rebuilt_from_the_state(flops_search, evaluator, tmp_path, spoil):
+    reference_run, reference = flops_search
+    run = new_run(tmp_path)
+    budget = parse_budget("50%flops")
+    with pytest.raises(AutopruneError, match="max_iterations"):
+        run_netadapt(run, evaluator, budget, config=replace(SMALL, max_iterations=2), seed=3, progress=False)
+    spoil(run.path / "history.csv")
+    resumed = run_netadapt(run, evaluator, budget, config=SMALL, seed=3, progress=False)
+    assert resumed["policy"] == reference["policy"]
+    assert without_seconds(run.read_history()) == without_seconds(reference_run.read_history())
+
+
 @pytest.mark.parametrize("budget, lower_bound", [("0.5%flops", 0.0), ("50%flops", 0.8), ("0.2%params", 0.0)])
 def test_unreachable_budget_raises_before_writing_anything(evaluator, tmp_path, budget, lower_bound):
     run = new_run(tmp_path)
