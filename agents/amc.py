@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
 from autoprune.io import BackgroundWriter, atomic_torch_save
-from autoprune.runs import BEST_POLICY, HISTORY, Run
+from autoprune.runs import BEST_POLICY, Run
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,7 @@ def _write_episode(run: Run, best: dict | None, history: list[dict], state: dict
 def _check_files(run: Run, saved: dict, tracker: EpisodeTracker) -> list[dict]:
     """The history of the episodes the saved state has finished; history.csv and
     best_policy.json are rebuilt from the state where they are missing, cut or corrupt."""
-    history = [dict(row) for row in saved["history"][:tracker.episode]]
-    try:
-        on_disk = run.read_history()
-    except AutopruneError:
-        on_disk = None
-    fields = list(history[0]) if history else []
-    if on_disk is None or [{k: row.get(k) for k in fields} for row in on_disk[:len(history)]] != \
-            [{k: str(v) if v is not None else "" for k, v in row.items()} for row in history]:
-        log.warning("%s does not match the saved search state (missing, cut or changed); rebuilt it from the state",
-                    run.path / HISTORY)
-        run.write_history(history)
+    history = run.restore_history(saved["history"][:tracker.episode])
     best = tracker.best
     try:
         on_disk_best = run.read_best_policy()
@@ -81,17 +71,6 @@ def _load_state(path) -> dict:
     if not isinstance(state, dict) or "tracker" not in state:
         raise AutopruneError(f"{path} is not an autoprune search state; delete {path.parent} to restart the search")
     return state
-
-
-def _complete_rows(run: Run, episodes: int) -> list[dict]:
-    history = run.read_history()
-    required = ("episode", "reward", "accuracy", "cost_ratio")
-    bad = [i + 1 for i, row in enumerate(history[:episodes]) if any(not row.get(k) for k in required)]
-    if len(history) < episodes or bad:
-        raise AutopruneError(f"{run.path / HISTORY} lacks or cuts rows of the {episodes} episodes the saved state "
-                             f"has finished{f' (row {bad[0]})' if bad else ''}, and this state cannot rebuild them; "
-                             "restore the file or start a new search")
-    return history
 
 
 def _ledger(evaluator, agent_seconds: float, search_seconds: float) -> dict:
@@ -131,7 +110,7 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
         if "history" in saved:
             history = _check_files(run, saved, tracker)
         else:  # a state written before it held the history: the file must hold every finished episode
-            history = _complete_rows(run, tracker.episode)
+            history = run.complete_history(tracker.episode, ("episode", "reward", "accuracy", "cost_ratio"))
         if "ledger" in saved:
             _restore_ledger(run, evaluator, saved["ledger"])
             before = {key: float(saved["ledger"][key]) for key in before}

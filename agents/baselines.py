@@ -101,10 +101,16 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
     state_path = run.state_dir / RANDOM_STATE
     done, best, history = 0, None, []
     if state_path.is_file():
-        saved = json.loads(state_path.read_text())
-        done, best = saved["samples_done"], saved["best"]
+        try:
+            saved = json.loads(state_path.read_text(encoding="utf-8"))
+            done, best = saved["samples_done"], saved["best"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise AutopruneError(f"the search state {state_path} is damaged; delete {run.state_dir} to restart the "
+                                 "search from scratch") from None
         rng.bit_generator.state = saved["rng"]
-        history = run.read_history()[:done]  # a row written after the last saved state is redone
+        # rows written after the last saved state are redone; the state's own copy rebuilds a damaged file
+        history = (run.restore_history(saved["history"][:done]) if "history" in saved
+                   else run.complete_history(done, ("candidate", "accuracy")))
         log.info("random search: resuming after sample %d", done)
     bar = tqdm(total=max(samples, done), initial=done, desc="random search", unit="policy", disable=not progress)
     for sample in range(done + 1, samples + 1):
@@ -122,7 +128,8 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
             run.write_best_policy(best["policy"], candidate=sample, accuracy=best["accuracy"],
                                   cost_ratio=best["cost_ratio"])
         run.write_history(history)
-        atomic_write_json(state_path, {"samples_done": sample, "rng": rng.bit_generator.state, "best": best})
+        atomic_write_json(state_path, {"samples_done": sample, "rng": rng.bit_generator.state, "best": best,
+                                       "history": history})
         bar.update(1)
         bar.set_postfix(best_acc=f"{best['accuracy']:.4f}")
     bar.close()

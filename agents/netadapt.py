@@ -378,24 +378,9 @@ def _resumed_history(run: Run, state: dict) -> list[dict]:
     """The iterations the saved state has finished; history.csv is rebuilt from the state when
     it is missing, cut or corrupt (a state without the history needs a complete file)."""
     rows = int(state["rows"])
-    try:
-        on_disk = run.read_history()
-    except AutopruneError:
-        on_disk = None
     if "history" in state:
-        history = [dict(row) for row in state["history"][:rows]]
-        as_text = [{k: "" if v is None else str(v) for k, v in row.items()} for row in history]
-        if on_disk is None or [{k: row.get(k) for k in r} for row, r in zip(on_disk, as_text)] != as_text \
-                or len(on_disk) < rows:
-            log.warning("%s does not match the saved NetAdapt state; rebuilt it from the state",
-                        run.path / "history.csv")
-            run.write_history(history)
-        return history
-    if on_disk is None or len(on_disk) < rows or any(not row.get("iteration") or not row.get("accuracy")
-                                                     for row in on_disk[:rows]):
-        raise AutopruneError(f"{run.path / 'history.csv'} lacks or cuts rows of the {rows} iterations the saved "
-                             "state has finished; restore the file or delete the run's state/ to start over")
-    return on_disk[:rows]
+        return run.restore_history(state["history"][:rows])
+    return run.complete_history(rows, ("iteration", "accuracy"))
 
 
 def _save_state(run: Run, model: nn.Module, state: dict) -> None:

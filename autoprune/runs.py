@@ -17,11 +17,14 @@ import csv
 import datetime
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
 from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
@@ -101,6 +104,34 @@ class Run:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.path / HISTORY, buffer.getvalue())
+
+    def restore_history(self, saved: list[dict]) -> list[dict]:
+        """The rows a searcher's saved state holds (the source of truth), with history.csv
+        rebuilt from them when it is missing, cut, corrupt or different; rows on disk after
+        them (written after the last saved state) are left to be redone."""
+        rows = [dict(row) for row in saved]
+        as_text = [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows]
+        try:
+            on_disk = self.read_history()
+        except AutopruneError:
+            on_disk = None
+        if on_disk is None or len(on_disk) < len(rows) or \
+                [{k: row.get(k) for k in text} for row, text in zip(on_disk, as_text)] != as_text:
+            log.warning("%s does not match the saved search state (missing, cut or changed); rebuilt it from the "
+                        "state", self.path / HISTORY)
+            self.write_history(rows)
+        return rows
+
+    def complete_history(self, count: int, required: tuple[str, ...]) -> list[dict]:
+        """The first `count` rows of history.csv, for a state that does not hold them itself;
+        refused if the file lacks or cuts any of them."""
+        rows = self.read_history()
+        bad = [i + 1 for i, row in enumerate(rows[:count]) if any(not row.get(k) for k in required)]
+        if len(rows) < count or bad:
+            raise AutopruneError(f"{self.path / HISTORY} lacks or cuts rows of the {count} the saved state has "
+                                 f"finished{f' (row {bad[0]})' if bad else ''}, and this state cannot rebuild them; "
+                                 "restore the file or start a new search")
+        return rows[:count]
 
     def write_best_policy(self, policy: dict, **extra) -> None:
         atomic_write_json(self.path / BEST_POLICY, {"policy": policy, **extra})
