@@ -242,8 +242,10 @@ def cmd_prune(args) -> int:
           f"({100 * counted.flops / base.flops:.1f} %), params {format_count(base.params)} -> "
           f"{format_count(counted.params)} ({100 * counted.params / base.params:.1f} %)")
     for name, r in metrics["rounded"].items():
+        why = (f"at least {r['minimum']}, one per concatenated branch" if r["kept"] == r["minimum"] and
+               r["minimum"] > r["multiple"] else f"its grouped layers keep multiples of {r['multiple']}")
         print(f"group {name}: keep ratio {r['keep_ratio']:.3g} rounded to {r['kept']} of {r['channels']} channels "
-              f"(its grouped layers keep multiples of {r['multiple']})")
+              f"({why})")
     print(f"validation accuracy {before:.4f} -> {after_raw:.4f} pruned -> {after:.4f} after BN recalibration "
           f"({args.bn_batches} batches); test {test:.4f} (no fine-tuning)")
     if metrics["recalibration_note"]:

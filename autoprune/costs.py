@@ -262,7 +262,8 @@ def policy_rounding(description: NetworkDescription, policy: Mapping[str, float]
                     multiple: int = 1) -> dict[str, dict]:
     """Groups whose structure moved a keep ratio to another count than the nearest whole channel.
 
-    A grouped convolution keeps the same channels in each of its groups, so a ratio may
+    A grouped convolution keeps the same channels in each of its groups, and a group
+    shared by concatenated branches keeps at least one channel per branch, so a ratio may
     not be met exactly; this says what was asked and what is kept.
     """
     full = check_policy(description, policy)
@@ -270,8 +271,9 @@ def policy_rounding(description: NetworkDescription, policy: Mapping[str, float]
     for g in description.groups:
         kept = group_keep(g, full[g.name], multiple)
         if kept != channels_to_keep(g.channels, full[g.name], multiple):
-            moved[g.name] = {"keep_ratio": full[g.name], "kept": kept, "channels": g.channels,
-                             "multiple": group_multiple(g, multiple)}
+            step = group_multiple(g, multiple)
+            moved[g.name] = {"keep_ratio": full[g.name], "kept": kept, "channels": g.channels, "multiple": step,
+                             "minimum": _group_floor(g, step)}
     return moved
 
 

@@ -97,7 +97,7 @@ def test_prune_rounds_a_grouped_group_and_says_so(tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     grouped = metrics["rounded"]["blocks.0.reduce.0"]
-    assert grouped == {"keep_ratio": 0.3, "kept": 4, "channels": 16, "multiple": 4}  # 0.3 × 16 = 4.8 -> 4, not 5
+    assert grouped == {"keep_ratio": 0.3, "kept": 4, "channels": 16, "multiple": 4, "minimum": 4}  # 4.8 -> 4, not 5
     assert "rounded to 4 of 16" in stdout
     assert (metrics["predicted_flops"], metrics["predicted_params"]) == (metrics["flops"], metrics["params"])
 
