@@ -492,26 +492,6 @@ def _check_resume_flags(args, saved: dict, path: Path) -> None:
                              f"{'; '.join(differ)}. Drop them, or start a new search with --out")
 
 
-def _check_writable_dir(path: Path) -> None:
-    """Refuse an output directory that is a file, holds another run, or cannot be written."""
-    import tempfile
-
-    if path.exists() and not path.is_dir():
-        raise AutopruneError(f"{path} exists and is not a directory; choose another --out")
-    if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
-        raise AutopruneError(f"{path} already exists and is not empty; use --resume {path} to continue it")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise AutopruneError(f"cannot create {path}: {ancestor} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as exc:
-        raise AutopruneError(f"cannot write under {ancestor} ({exc.strerror}); choose another --out") from None
-
-
 def run_search(args, loaded=None):
     """Search, prune, fine-tune and report into a run directory; returns (run, metrics).
 
@@ -535,7 +515,7 @@ def _run_search(args, loaded, opened: list):
     from autoprune.budgets import check_reachable
     from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
     from autoprune.report import finish_run
-    from autoprune.runs import Run, new_run_dir
+    from autoprune.runs import Run, check_new_run_dir, new_run_dir
     from autoprune.train import TrainConfig, seed_everything
 
     run = None
@@ -562,7 +542,7 @@ def _run_search(args, loaded, opened: list):
     path = None
     if run is None:  # where the run goes is checked before any work is done
         path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
-        _check_writable_dir(path)
+        check_new_run_dir(path)
 
     seed_everything(args.seed)
     model, meta, data = loaded if loaded is not None else _model_and_data(args)

@@ -45,6 +45,28 @@ def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
     return path
 
 
+def check_new_run_dir(path: Path) -> None:
+    """Refuse a new run's directory that is a file, holds another run, or cannot be written
+    (checked before any work is done, and again when the run is created)."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise AutopruneError(f"{path} exists and is not a directory; choose another output directory")
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+        raise AutopruneError(f"{path} already exists and is not empty; use --resume {path} to continue it")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AutopruneError(f"cannot create {path}: {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise AutopruneError(f"cannot write under {ancestor} ({exc.strerror}); choose another output "
+                             "directory") from None
+
+
 class Run:
     """One run directory."""
 
@@ -56,10 +78,7 @@ class Run:
     def create(cls, path: str | os.PathLike, config: dict) -> Run:
         """A new run directory, locked for this process."""
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
-            raise AutopruneError(f"{run.path} exists and is not a directory; choose another output directory")
-        if run.path.exists() and any(p.name != LOCK for p in run.path.iterdir()):
-            raise AutopruneError(f"{run.path} already exists and is not empty; use --resume {run.path} to continue it")
+        check_new_run_dir(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         run.lock = WriterLock(run.path / LOCK, f"run directory {run.path}")
         atomic_write_json(run.path / CONFIG, config)

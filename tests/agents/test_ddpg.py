@@ -65,16 +65,12 @@ def test_final_reward_is_credited_to_every_step_and_the_baseline_is_subtracted_w
     assert set(raw.flatten().tolist()) <= {2.0, 4.0}
 
 
-def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch):
+def kill_after_four_episodes(run, env, monkeypatch) -> None:
+    """Run a search into `run` that is killed once its fourth episode is saved; the saving is
+    restored afterwards, for the resume."""
     import agents.amc as amc
-    from autoprune.runs import Run
 
-    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
-    amc.run_amc(reference, env, SMALL, seed=3, progress=False)
-
-    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
-    real_save = amc._save_state
-    calls = {"n": 0}
+    real_save, calls = amc._save_state, {"n": 0}
 
     def save_then_die(*args):
         real_save(*args)
@@ -85,8 +81,19 @@ def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch)
     monkeypatch.setattr(amc, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         amc.run_amc(run, env, SMALL, seed=3, progress=False)
-    assert [int(r["episode"]) for r in run.read_history()] == [1, 2, 3, 4]
     monkeypatch.setattr(amc, "_save_state", real_save)
+
+
+def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch):
+    import agents.amc as amc
+    from autoprune.runs import Run
+
+    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
+    amc.run_amc(reference, env, SMALL, seed=3, progress=False)
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    kill_after_four_episodes(run, env, monkeypatch)
+    assert [int(r["episode"]) for r in run.read_history()] == [1, 2, 3, 4]
     best = amc.run_amc(run, env, SMALL, seed=3, progress=False)
     rows = run.read_history()
     assert [int(r["episode"]) for r in rows] == list(range(1, 7))
@@ -120,19 +127,7 @@ def test_resume_rebuilds_damaged_run_files_from_the_state(env, tmp_path, monkeyp
     amc.run_amc(reference, env, SMALL, seed=3, progress=False)
 
     run = Run.create(tmp_path / "run", {"agent": "ddpg"})
-    real_save = amc._save_state
-    calls = {"n": 0}
-
-    def save_then_die(*args):
-        real_save(*args)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(amc, "_save_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        amc.run_amc(run, env, SMALL, seed=3, progress=False)
-    monkeypatch.setattr(amc, "_save_state", real_save)
+    kill_after_four_episodes(run, env, monkeypatch)
     spoil(run.path / name)
     amc.run_amc(run, env, SMALL, seed=3, progress=False)
     rows, expected = run.read_history(), reference.read_history()
@@ -168,19 +163,8 @@ def test_a_resumed_search_counts_the_work_of_every_session(trained_tiny, synthet
     reference = reference_env.evaluator.evaluations
 
     run = Run.create(tmp_path / "run", {"agent": "ddpg"})
-    real_save, calls = amc._save_state, {"n": 0}
-
-    def save_then_die(*args):
-        real_save(*args)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(amc, "_save_state", save_then_die)
     first = fresh_env()
-    with pytest.raises(KeyboardInterrupt):
-        amc.run_amc(run, first, SMALL, seed=3, progress=False)
-    monkeypatch.setattr(amc, "_save_state", real_save)
+    kill_after_four_episodes(run, first, monkeypatch)
     killed_session = first.evaluator.evaluations
     second, restored = fresh_env(), {}
     amc.run_amc(run, second, SMALL, seed=3, progress=False, restored=restored)
