@@ -7,6 +7,9 @@
 - `run_sensitivity`: prune each group alone over a grid of keep ratios, then give every
   group the smallest ratio whose accuracy drop stays under one threshold, the smallest
   threshold that meets the budget (Li et al., "Pruning Filters for Efficient ConvNets").
+- `run_tp_global`: Torch-Pruning's own global magnitude pruning (a peer, not ours), its
+  global pruning ratio bisected until the network meets the budget by the cost model or
+  the LUT; its network goes on to the same recalibration and fine-tune as every other.
 
 Each takes a run directory, a `PolicyEvaluator`, a `Budget` and an optional latency
 table, writes one history row per candidate and the best policy into the run directory,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -30,6 +34,7 @@ from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_write_json
 from autoprune.runs import Run
+from autoprune.train import evaluate, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,65 @@ def run_uniform(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, 
              cost_ratio)
     return {"policy": policy, "accuracy": accuracy, "cost_ratio": cost_ratio, "keep_ratio": keep_ratio,
             "channels": kept}
+
+
+# ---------------------------------------------------------------- Torch-Pruning global
+
+def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *, lower_bound: float = 0.2,
+                  seed: int = 0, progress: bool = True, tolerance: float = 1e-3) -> dict:
+    """Torch-Pruning's global magnitude pruning at the smallest global ratio that meets `budget`.
+
+    No group loses more than 1 - `lower_bound` of its channels (Torch-Pruning's
+    `max_pruning_ratio`), as no other agent may. Returns Torch-Pruning's network as
+    "model" (its channels, not the criterion's), with its BN-recalibrated accuracy.
+    """
+    from autoprune.pruning import global_magnitude_prune
+
+    description = evaluator.description
+    base_model = evaluator.pruner.model
+    started = time.perf_counter()
+    limit_ratio = budget.ratio(_base_value(evaluator, budget, lut))
+    history: list[dict] = []
+
+    def attempt(ratio: float):
+        model, kept = global_magnitude_prune(base_model, description, ratio, max_pruning_ratio=1.0 - lower_bound)
+        value = _budget_ratio(evaluator, budget, {g.name: kept[g.name] / g.channels for g in description.groups}, lut)
+        history.append({"candidate": len(history) + 1, "global_ratio": ratio, **_cost_ratios(evaluator, kept, lut),
+                        "cost_ratio": value, "seconds": round(time.perf_counter() - started, 3)})
+        return model, kept, value
+
+    low, high = 0.0, 1.0 - lower_bound  # pruning `high` of every group meets any reachable budget
+    best = attempt(high)
+    if best[2] > limit_ratio * (1 + 1e-9):
+        raise AutopruneError(f"Torch-Pruning's global pruning cannot meet {budget} with every group at the lower "
+                             f"bound {lower_bound:g} or above (it reaches {best[2]:.1%})")
+    bar = tqdm(total=math.ceil(math.log2(max(high, tolerance) / tolerance)), desc="tp_global bisection",
+               unit="step", disable=not progress)
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        found = attempt(mid)
+        if found[2] <= limit_ratio * (1 + 1e-9):
+            high, best = mid, found
+        else:
+            low = mid
+        bar.update(1)
+    bar.close()
+    model, kept, cost_ratio = best
+    policy = {g.name: kept[g.name] / g.channels for g in description.groups}
+    recalibrate_bn(model, evaluator.data, num_batches=evaluator.config.bn_batches,
+                   batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
+    accuracy = evaluate(model, evaluator.data, "val", limit=evaluator.config.val_images)["accuracy"]
+    run.write_history(history)
+    run.write_best_policy(policy, global_ratio=high, accuracy=accuracy, cost_ratio=cost_ratio, channels=kept)
+    log.info("Torch-Pruning global ratio %.4f: accuracy %.4f at %.4f of the budget's resource", high, accuracy,
+             cost_ratio)
+    return {"policy": policy, "channels": kept, "accuracy": accuracy, "cost_ratio": cost_ratio,
+            "global_ratio": high, "model": model}
+
+
+def _base_value(evaluator: PolicyEvaluator, budget: Budget, lut=None) -> float:
+    full = {g.name: 1.0 for g in evaluator.description.groups}
+    return check_budget(budget, evaluator.description, full, lut).base
 
 
 # ---------------------------------------------------------------- random

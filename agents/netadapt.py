@@ -578,5 +578,8 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
     return {"policy": policy, "channels": dict(kept), "accuracy": accuracy,
             "cost_ratio": value / search.base_value, "model": model, "iterations": iteration,
             "stop_reason": stop_reason, "proposals": sum(int(row["proposals"]) for row in history),
+            # SGD steps the returned network carries: each accepted proposal's short-term fine-tune
+            "training_steps": len(history) * config.short_term_steps,
+            "training_batch_size": config.short_term_batch_size,
             "measured_base_ms": measured_base, "measured_ms": measured,
             "proposal_seconds": {phase: round(spent, 3) for phase, spent in seconds.items()}}

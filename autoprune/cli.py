@@ -324,11 +324,17 @@ def cmd_lut_validate(args) -> int:
     model, description, _ = _model_for_lut(args)
     result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, rounds=args.rounds,
                           keep_range=(low, high), progress=not args.quiet)
-    print(f"{'sample':>6} {'predicted ms':>13} {'measured ms':>12} {'error %':>8}")
+    print(f"{'sample':>6} {'FLOPs %':>8} {'predicted ms':>13} {'measured ms':>12} {'error %':>8} "
+          f"{'ratio pred.':>11} {'ratio meas.':>11} {'ratio err. %':>12}")
     for row in result["rows"]:
-        print(f"{row['sample']:>6} {row['predicted_ms']:>13.3f} {row['measured_ms']:>12.3f} {row['error_pct']:>8.1f}")
+        print(f"{row['sample']:>6} {100 * row['flops_ratio']:>8.1f} {row['predicted_ms']:>13.3f} "
+              f"{row['measured_ms']:>12.3f} {row['error_pct']:>8.1f} {row['predicted_ratio']:>11.3f} "
+              f"{row['measured_ratio']:>11.3f} {row['ratio_error_pct']:>12.1f}")
+    print(f"unpruned: predicted {result['base_predicted_ms']:.3f} ms, measured {result['base_measured_ms']:.3f} ms; "
+          "ratio = latency over the unpruned network's, measured in turn with it (what a relative budget bounds)")
     print(f"{result['backend']}, {result['threads']} thread(s), batch {result['batch']}: median absolute error "
-          f"{result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %, Spearman "
+          f"{result['median_abs_error_pct']:.1f} %, max {result['max_abs_error_pct']:.1f} %; of the ratio "
+          f"{result['median_abs_ratio_error_pct']:.1f} %, max {result['max_abs_ratio_error_pct']:.1f} %; Spearman "
           f"{result['spearman']:.3f} over {result['samples']} random policies (keep ratios in [{low:g}, {high:g}], "
           f"{100 * result['flops_ratio_range'][0]:.0f}-{100 * result['flops_ratio_range'][1]:.0f} % of the FLOPs)")
     if args.out:
@@ -336,11 +342,12 @@ def cmd_lut_validate(args) -> int:
     return 0
 
 
-AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity")
+AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity", "tp_global")
 SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
                "reward", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
                "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
-               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency")
+               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency",
+               "score_steps", "equal_steps", "allow_other_device")
 NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
                   "measure_latency")
 AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill"), "random": ("samples", "fill"),
@@ -462,6 +469,10 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
     if args.agent == "uniform":
         def search(run):
             return baselines.run_uniform(run, evaluator, budget, table, seed=args.seed, progress=progress), None
+    elif args.agent == "tp_global":
+        def search(run):
+            return baselines.run_tp_global(run, evaluator, budget, table, lower_bound=args.lower_bound,
+                                           seed=args.seed, progress=progress), None
     elif args.agent == "random":
         from envs.channel_pruning import ChannelPruningEnv
 
@@ -479,6 +490,42 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
             return baselines.run_sensitivity(run, evaluator, budget, table, lower_bound=args.lower_bound,
                                              step=args.sensitivity_step, seed=args.seed, progress=progress), None
     return search, None
+
+
+SCORING_AGENTS = ("ddpg", "random", "sensitivity")  # agents that rank many candidates by the evaluator's score
+
+
+def _resolve_scoring(args, evaluator, budget, table) -> dict:
+    """Set the evaluator's short fine-tune before scoring (`--score-steps`, `auto` decided on
+    the uniform policy at the budget); returns what was decided and why, for config.json."""
+    from autoprune.budgets import uniform_ratio_for_budget
+    from autoprune.costs import uniform_policy
+    from autoprune.evaluation import resolve_score_steps
+
+    if args.agent not in SCORING_AGENTS:
+        return {"score_steps": 0, "reason": f"{args.agent} does not rank candidates by the evaluator's score"}
+    if args.score_steps != "auto":
+        evaluator.config.score_steps = int(args.score_steps)
+        return {"score_steps": int(args.score_steps), "reason": "set by --score-steps"}
+    ratio = uniform_ratio_for_budget(budget, evaluator.description, table, args.channel_multiple)
+    steps, info = resolve_score_steps(evaluator, uniform_policy(evaluator.description, ratio))
+    evaluator.config.score_steps = steps
+    log.info("scoring candidates after %d SGD steps (uniform policy at the budget: %.3f, unpruned %.3f)", steps,
+             info["uniform_accuracy"], info["unpruned_accuracy"])
+    return {**info, "reason": "auto"}
+
+
+def _check_lut_device(table, budget, allow_other_device: bool) -> None:
+    """A latency budget bounds the latency of the CPU the LUT was measured on: refuse a LUT from
+    another CPU unless the user says that device is the target."""
+    from autoprune.latency import describe_device, same_device, this_device
+
+    device = table.data.get("device")
+    if budget.metric == "latency" and not allow_other_device and not same_device(device):
+        raise AutopruneError(f"LUT {table.path} was measured on {describe_device(device)}, not on this machine "
+                             f"({this_device()}); a latency budget on it bounds that device's latency. Build a LUT "
+                             "here with `autoprune lut build`, or pass --allow-other-device if that device is "
+                             "your target")
 
 
 def _check_resume_flags(args, saved: dict, path: Path) -> None:
@@ -534,6 +581,9 @@ def _run_search(args, loaded, opened: list):
                 setattr(args, key, saved[key])
         if "fill" not in saved:
             args.fill = 0.0  # written before the fill bound existed: resume without it
+        for key, before in (("score_steps", 0), ("equal_steps", 0), ("allow_other_device", False)):
+            if key not in saved:
+                setattr(args, key, before)  # written before the setting existed
         args.no_download = True
     budget = _check_search_args(args)
     args.criterion = args.criterion or _default_criterion(args.agent)
@@ -551,6 +601,7 @@ def _run_search(args, loaded, opened: list):
         from autoprune.latency import load_lut
 
         table = load_lut(args.lut)
+        _check_lut_device(table, budget, args.allow_other_device)
     evaluator = PolicyEvaluator(model, data, EvaluatorConfig(
         criterion=args.criterion, channel_multiple=args.channel_multiple, bn_batches=args.bn_batches,
         val_images=args.val_images, seed=args.seed))
@@ -561,6 +612,7 @@ def _run_search(args, loaded, opened: list):
         table.check_model(description)
     check_reachable(budget, description, _floor_channels(args.agent, description, args.lower_bound,
                                                          args.channel_multiple), table, args.lower_bound)
+    scoring = _resolve_scoring(args, evaluator, budget, table)
     search, agent_config = _make_searcher(args, evaluator, budget, table,
                                           run.config.get("agent_config") if run is not None else None)
     if run is not None and agent_config is not None and agent_config != run.config.get("agent_config"):
@@ -577,6 +629,7 @@ def _run_search(args, loaded, opened: list):
                       command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
         if agent_config is not None:
             config["agent_config"] = agent_config
+        config["scoring"] = scoring
         if getattr(args, "sweep", None):
             config["sweep"] = args.sweep
         run = Run.create(path, config)
@@ -591,7 +644,7 @@ def _run_search(args, loaded, opened: list):
     evaluations = evaluator.evaluations + int(result.get("proposals") or 0)  # NetAdapt scores its own
     metrics = finish_run(run, evaluator, result["policy"], budget=budget, lut=table, search_seconds=search_seconds,
                          search_breakdown=breakdown, progress=not args.quiet, model=result.get("model"),
-                         search_result=summary, candidate_evaluations=evaluations,
+                         search_result=summary, candidate_evaluations=evaluations, equal_steps=args.equal_steps,
                          finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed))
     return run, metrics
 
@@ -767,6 +820,16 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--bn-batches", type=nonneg_int, default=10, help="training batches (64 images) for BN recalibration")
     p.add_argument("--finetune-epochs", type=nonneg_int, default=5, help="long-term fine-tune of the best policy")
     p.add_argument("--finetune-lr", type=pos_float, default=0.01)
+    p.add_argument("--score-steps", type=auto_or_steps, default="auto",
+                   help="SGD steps on fixed training batches before each candidate is scored (ddpg, random, "
+                        "sensitivity); auto: 20 when the uniform policy at the budget scores below half the "
+                        "unpruned accuracy after BN recalibration alone (its score is then near chance), else 0")
+    p.add_argument("--equal-steps", type=nonneg_int, default=0,
+                   help="equal training: after the fine-tune, go on until the network has had this many SGD "
+                        "steps since pruning, counting those the search gave it (NetAdapt's short-term "
+                        "fine-tunes); the report gives the test accuracy at both points (0: off)")
+    p.add_argument("--allow-other-device", action="store_true",
+                   help="accept a latency budget on a LUT measured on another CPU than this one")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -888,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=pos_int, default=50, help="timed runs per entry (the median is kept)")
     p.add_argument("--rounds", type=pos_int, default=3,
                    help="passes over the grid; each entry keeps its fastest pass (interference only adds time)")
-    p.add_argument("--calibration-samples", type=pos_int, default=8,
+    p.add_argument("--calibration-samples", type=pos_int, default=16,
                    help="random pruned networks timed whole to calibrate the layer sum")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="LUT file (default: latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json)")
@@ -929,6 +992,14 @@ def _bounded(kind: type, low: float, strict: bool):
 
 pos_int, nonneg_int = _bounded(int, 1, False), _bounded(int, 0, False)
 pos_float, nonneg_float = _bounded(float, 0.0, True), _bounded(float, 0.0, False)
+
+
+def auto_or_steps(text: str):
+    """An argparse type: `auto` or a count of 0 or more."""
+    return "auto" if text.strip().lower() == "auto" else nonneg_int(text)
+
+
+auto_or_steps.__name__ = "auto or a count"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,10 +4,16 @@ Every searcher (the AMC environment, NetAdapt, the baselines) ranks policies by 
 same signal: the pruned network's accuracy on a fixed subset of the validation split
 held out from the training set, after BatchNorm statistics are re-estimated on a few
 training batches (EagleEye's adaptive BN). The test set is never used here.
+
+At budgets that remove most of a network, every candidate scores near chance after
+recalibration alone, and a search steered by that score is steered by noise. There
+`score_steps` SGD steps on a fixed set of training batches (the same for every
+candidate) come first: cheap, and enough to tell a good allocation from a bad one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +38,15 @@ class EvaluatorConfig:
     bn_batch_size: int = 64  # images per recalibration batch
     val_images: int = 1000  # validation images scored per candidate (a fixed subset)
     seed: int = 0  # recalibration batches and the random criterion
+    score_steps: int = 0  # SGD steps on fixed training batches before a candidate is scored (0: none)
+    score_lr: float = 0.01  # learning rate of those steps (cosine to 0)
+    score_batch_size: int = 64  # images per step
 
+
+# a candidate scoring below this share of the unpruned network's accuracy after recalibration
+# alone is near chance: `auto` scoring then fine-tunes candidates briefly before scoring them
+INFORMATIVE_SHARE = 0.5
+AUTO_SCORE_STEPS = 20
 
 def criterion_batches(data: DataBundle, criterion: str, seed: int = 0) -> list | None:
     """The training batches a data-driven criterion (taylor, apoz) scores channels on; None otherwise."""
@@ -59,6 +73,9 @@ class PolicyEvaluator:
         self.evaluations = 0
         self.seconds = 0.0  # spent pruning, recalibrating and measuring
         self.timings = {"prune": 0.0, "bn_recalibration": 0.0, "validation": 0.0}  # the same, split
+        if self.config.score_steps < 0:
+            raise AutopruneError(f"score steps must be 0 or more, not {self.config.score_steps}")
+        self._score_batches: list | None = None
 
     def prune(self, policy: Mapping[str, float], *, inference_only: bool = False) -> nn.Module:
         """The pruned network with recalibrated BatchNorm (not fine-tuned).
@@ -69,6 +86,11 @@ class PolicyEvaluator:
         """
         started = time.perf_counter()
         model = self.pruner.prune(policy)
+        if self.config.score_steps > 0 and inference_only:
+            tuned = time.perf_counter()
+            self.short_finetune(model)
+            self.timings["short_finetune"] = self.timings.get("short_finetune", 0.0) + time.perf_counter() - tuned
+            started += time.perf_counter() - tuned  # counted apart from the pruning
         if inference_only:
             model = model.to(memory_format=torch.channels_last)
         pruned = time.perf_counter()
@@ -78,9 +100,30 @@ class PolicyEvaluator:
         self.timings["bn_recalibration"] += time.perf_counter() - pruned
         return model
 
+    def short_finetune(self, model: nn.Module) -> nn.Module:
+        """`score_steps` SGD steps (Nesterov momentum, cosine learning rate) on the same fixed
+        training batches for every candidate. Draws only from its own generator: a search's
+        other random streams are untouched."""
+        steps, batch_size = self.config.score_steps, self.config.score_batch_size
+        if self._score_batches is None:
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+            self._score_batches = list(self.data.batches("train", batch_size, shuffle=True, generator=generator,
+                                                         limit=steps * batch_size))
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.config.score_lr, momentum=0.9, nesterov=True)
+        model.train()
+        for step, (x, y) in enumerate(self._score_batches):
+            for group in optimizer.param_groups:
+                group["lr"] = self.config.score_lr * 0.5 * (1 + math.cos(math.pi * step / len(self._score_batches)))
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        return model
+
     def accuracy(self, policy: Mapping[str, float]) -> float:
         """Validation accuracy (fraction) of `policy` after BN recalibration."""
-        key = tuple(policy_channels(self.description, policy, self.config.channel_multiple).values())
+        key = (self.config.score_steps, *policy_channels(self.description, policy, self.config.channel_multiple).values())
         if key not in self._cache:
             started = time.perf_counter()
             model = self.prune(policy, inference_only=True)
@@ -90,3 +133,19 @@ class PolicyEvaluator:
             self.evaluations += 1
             self.seconds += time.perf_counter() - started
         return self._cache[key]
+
+
+def resolve_score_steps(evaluator: PolicyEvaluator, uniform_policy: Mapping[str, float]) -> tuple[int, dict]:
+    """`auto` scoring: 0 steps when the uniform policy at the budget keeps at least
+    INFORMATIVE_SHARE of the unpruned network's accuracy after recalibration alone (the
+    plain score separates candidates), else AUTO_SCORE_STEPS. Returns the steps and the
+    measurements behind the choice, for the run's record."""
+    saved = evaluator.config.score_steps
+    evaluator.config.score_steps = 0
+    try:
+        base = evaluator.accuracy({g.name: 1.0 for g in evaluator.description.groups})
+        uniform = evaluator.accuracy(uniform_policy)
+    finally:
+        evaluator.config.score_steps = saved
+    steps = 0 if uniform >= INFORMATIVE_SHARE * base else AUTO_SCORE_STEPS
+    return steps, {"unpruned_accuracy": base, "uniform_accuracy": uniform, "score_steps": steps}

@@ -69,8 +69,10 @@ def model_fingerprint(description: NetworkDescription) -> str:
 
 
 def _channel_grid(maximum: int, step: int) -> list[int]:
-    """1, step, 2·step, …, maximum: every count from 1 to maximum lies between two points."""
-    points = {1, maximum, *range(step, maximum + 1, step)}
+    """Every count up to 2·step, then step, 3·step, …, maximum: every count from 1 to maximum
+    lies between two points, densest where few channels are left (there a channel is a large
+    share of a layer's work and the time is least linear in it)."""
+    points = {maximum, *range(1, min(2 * step, maximum) + 1), *range(step, maximum + 1, step)}
     return sorted(p for p in points if 1 <= p <= maximum)
 
 
@@ -613,16 +615,46 @@ def random_policies(description: NetworkDescription, count: int, seed: int, low:
     return [{g.name: rng.uniform(low, high) for g in description.groups} for _ in range(count)]
 
 
+def spread_policies(description: NetworkDescription, count: int, seed: int, low: float = 0.2,
+                    spread: float = 0.15) -> list[dict[str, float]]:
+    """Seeded random policies whose overall size spans [low, 1] evenly: the i-th policy's keep
+    ratios scatter ±`spread` around a level stepping from `low` to 1. Random policies drawn
+    uniformly in [low, 1] rarely come near the small networks a tight budget produces; a
+    calibration fitted on them alone mispredicts exactly those."""
+    rng = random.Random(seed)
+    policies = []
+    for i in range(count):
+        level = low + (1.0 - low) * (i + 0.5) / count
+        policies.append({g.name: min(1.0, max(low, rng.uniform(level - spread, level + spread)))
+                         for g in description.groups})
+    return policies
+
+
 def measure_networks(backend: LatencyBackend, models: list[nn.Module], input_shape: tuple[int, int, int],
                      batch: int, warmup: int, runs: int, rounds: int, progress=None) -> list[float]:
     """Latency of whole networks in ms: per network, the minimum over `rounds` passes of the
-    median of `runs` timed calls. Passes go over all networks in turn, so a burst of
-    interference from elsewhere on the machine spoils one pass, not every one."""
+    median of its `runs` timed calls in that pass.
+
+    Within a pass the networks take turns call by call (in an order that rotates), so a
+    slow spell of the machine (a busy neighbour on a shared host, a frequency change)
+    falls on every network alike and the ratios between them survive it; over passes the
+    minimum is kept, since interference only adds time."""
     runners = [backend.runner(m, (batch, *input_shape)) for m in models]
+    for run in runners:
+        for _ in range(warmup):
+            run()
     best = [float("inf")] * len(models)
+    n = len(runners)
     for _ in range(rounds):
-        for i, run in enumerate(runners):
-            best[i] = min(best[i], time_runs(run, warmup, runs))
+        samples: list[list[int]] = [[] for _ in runners]
+        for k in range(runs):
+            for j in range(n):
+                i = (j + k) % n
+                start = time.perf_counter_ns()
+                runners[i]()
+                samples[i].append(time.perf_counter_ns() - start)
+        for i in range(n):
+            best[i] = min(best[i], statistics.median(samples[i]) / 1e6)
             if progress is not None:
                 progress.update(1)
     return best
@@ -637,7 +669,7 @@ def _same_settings(old: dict, model_info: dict, runtime: dict, protocol: dict) -
 
 def build_lut(model: nn.Module, description: NetworkDescription, backend: LatencyBackend, out: str | os.PathLike,
               *, model_name: str = "", batch: int = 1, channel_step: int = 4, warmup: int = 10, runs: int = 50,
-              rounds: int = 3, calibration_samples: int = 8, seed: int = 0, progress: bool = True,
+              rounds: int = 3, calibration_samples: int = 16, seed: int = 0, progress: bool = True,
               pin: bool = True) -> LatencyTable:
     """Measure a LUT for `description` on this machine and write it to `out`.
 
@@ -723,7 +755,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     # whole-network calibration: the base model plus a few random policies
     table = LatencyTable({**data, "calibration": None}, str(out))
     pruner = ChannelPruner(model, description.input_shape)
-    policies = random_policies(description, calibration_samples, seed)
+    policies = spread_policies(description, calibration_samples, seed)
     networks = [model] + [pruner.prune(p) for p in policies]
     measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
     full = {g.name: g.channels for g in description.groups}
@@ -744,16 +776,19 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
 
 
 def fit_calibration(points: list[dict]) -> dict:
-    """Least-squares `measured = scale × sum + offset`; falls back to a pure offset if ill-posed."""
+    """`measured = scale × sum + offset`, fitted to minimise the *relative* error (least squares
+    weighted by 1/measured), so small networks count as much as large ones; falls back to a
+    pure offset if ill-posed."""
     x = np.array([p["sum_ms"] for p in points])
     y = np.array([p["measured_ms"] for p in points])
     scale, offset = 1.0, float(np.mean(y - x))
     if len(points) >= 3 and np.ptp(x) > 1e-9:
-        a, b = np.polyfit(x, y, 1)
+        a, b = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-9))
         if a > 0:
             scale, offset = float(a), float(b)
     return {"scale": round(scale, 6), "offset_ms": round(offset, 6), "points": points,
-            "method": "least squares of whole-network median latency on the layer sum"}
+            "method": "least squares of the relative error of whole-network median latency on the layer sum, "
+                      "networks spanning 20-100 % keep ratios"}
 
 
 # ---------------------------------------------------------------- validation
@@ -795,22 +830,32 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
     rounds = max(5, protocol.get("rounds", 1)) if rounds is None else rounds
     pruner = ChannelPruner(model, description.input_shape)
     policies = random_policies(description, samples, seed, *keep_range)
-    bar = tqdm(total=samples * rounds, desc="validate", unit="run", disable=not progress)
-    measured = measure_networks(backend, [pruner.prune(p) for p in policies], description.input_shape, rt["batch"],
-                                warmup, runs, rounds, bar)
+    bar = tqdm(total=(samples + 1) * rounds, desc="validate", unit="run", disable=not progress)
+    # the unpruned network is timed in turn with the others: a relative budget is a ratio to it
+    measured = measure_networks(backend, [model] + [pruner.prune(p) for p in policies], description.input_shape,
+                                rt["batch"], warmup, runs, rounds, bar)
     bar.close()
+    base_measured, measured = measured[0], measured[1:]
+    base_predicted = table.predict_ms(pruner.description)
     rows = []
     base_flops = count_cost(pruner.description).flops
     for i, (policy, ms) in enumerate(zip(policies, measured)):
         predicted = table.predict_policy_ms(pruner.description, policy)
         cost = count_cost(pruner.description, policy_channels(pruner.description, policy))
+        ratio_predicted, ratio_measured = predicted / base_predicted, ms / base_measured
         rows.append({"sample": i, "predicted_ms": predicted, "measured_ms": ms,
                      "error_pct": 100.0 * (predicted - ms) / ms, "flops_ratio": cost.flops / base_flops,
+                     "predicted_ratio": ratio_predicted, "measured_ratio": ratio_measured,
+                     "ratio_error_pct": 100.0 * (ratio_predicted - ratio_measured) / ratio_measured,
                      "policy": policy})
     abs_err = [abs(r["error_pct"]) for r in rows]
+    ratio_err = [abs(r["ratio_error_pct"]) for r in rows]
     flops_ratios = [r["flops_ratio"] for r in rows]
-    return {"rows": rows, "keep_range": list(keep_range), "flops_ratio_range": [min(flops_ratios), max(flops_ratios)], "median_abs_error_pct": float(np.median(abs_err)),
-            "max_abs_error_pct": float(np.max(abs_err)),
+    return {"rows": rows, "keep_range": list(keep_range), "flops_ratio_range": [min(flops_ratios), max(flops_ratios)],
+            "median_abs_error_pct": float(np.median(abs_err)), "max_abs_error_pct": float(np.max(abs_err)),
+            "median_abs_ratio_error_pct": float(np.median(ratio_err)),
+            "max_abs_ratio_error_pct": float(np.max(ratio_err)),
+            "base_predicted_ms": base_predicted, "base_measured_ms": base_measured,
             "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
             "backend": rt["backend"], "threads": rt["threads"], "batch": rt["batch"], "samples": samples,
             "seed": seed, "rounds": rounds}

@@ -607,3 +607,36 @@ def parse_policy(text: str, description: NetworkDescription) -> dict[str, float]
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
         raise AutopruneError(f"{path} must map group names to keep ratios, e.g. {{\"conv1\": 0.5}}")
     return check_policy(description, data)
+
+
+def global_magnitude_prune(model: nn.Module, description: NetworkDescription, pruning_ratio: float, *,
+                           max_pruning_ratio: float = 0.8, p: int = 2) -> tuple[nn.Module, dict[str, int]]:
+    """Torch-Pruning's own global magnitude pruning of a copy of `model`.
+
+    Its `MetaPruner` with `global_pruning=True` ranks every group's channels by the
+    mean-normalised group magnitude (Lp norm) on one scale and removes the lowest
+    `pruning_ratio` of all channels, no group losing more than `max_pruning_ratio`. Only
+    the groups of `description` are pruned (the classifier and the layers autoprune keeps
+    whole are ignored). Returns the pruned network and the channels each group kept.
+    """
+    model = copy.deepcopy(model).eval()
+    example = _example(description.input_shape)
+    modules = dict(model.named_modules())
+    producers = {name for g in description.groups for name in g.producers}
+    ignored = [m for name, m in modules.items() if isinstance(m, _CONV + _LINEAR) and name not in producers]
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=p),
+                                  global_pruning=True, pruning_ratio=pruning_ratio,
+                                  max_pruning_ratio=max_pruning_ratio, ignored_layers=ignored)
+    pruner.step()
+    modules = dict(model.named_modules())
+
+    def width(name: str) -> int:
+        m = modules[name]
+        return m.out_features if isinstance(m, _LINEAR) else m.out_channels
+
+    kept = {}
+    for g in description.groups:
+        root = g.root or g.name
+        layer = next(layer for layer in description.layers if layer.name == root)
+        kept[g.name] = g.channels - (layer.out_channels - width(root))
+    return model, kept

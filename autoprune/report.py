@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -146,7 +147,7 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
 def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: TrainConfig, budget, lut=None,
                search_seconds: float = 0.0, search_breakdown: dict | None = None, progress: bool = True,
                model: nn.Module | None = None, search_result: dict | None = None,
-               candidate_evaluations: int | None = None) -> dict:
+               candidate_evaluations: int | None = None, equal_steps: int = 0) -> dict:
     """Apply `policy` to the base model, recalibrate BN, fine-tune, evaluate, time, and
     write the model, metrics, keep-ratio plot and report into the run directory.
 
@@ -158,6 +159,13 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
     searcher's own figures (threshold, iterations, stop reason, ...); its JSON-safe scalars
     go into the metrics under "search". `candidate_evaluations` defaults to the evaluator's
     count (a searcher that scores candidates itself, as NetAdapt does, passes its own).
+
+    Equal training: the network's SGD steps since pruning are recorded ("training": those
+    the search gave it, `search_result["training_steps"]`, plus the fine-tune's). With
+    `equal_steps` above that total, the fine-tuned network is measured ("as run"), then
+    trained on for the missing steps (batch EXTRA_BATCH_SIZE, cosine from the fine-tune's
+    learning rate) and measured again, so that runs of different searchers compare at the
+    same amount of training.
     """
     from autoprune.pruning import describe_network
 
@@ -183,6 +191,24 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
     started = time.perf_counter()
     history = train(pruned, data, finetune, state_path=run.state_dir / "finetune.state", progress=progress)
     finetune_seconds = time.perf_counter() - started
+    search_steps = int((search_result or {}).get("training_steps") or 0)
+    training = {"search_steps": search_steps, "search_batch_size": (search_result or {}).get("training_batch_size"),
+                "finetune_steps": finetune_steps(finetune, len(data.train)), "finetune_batch_size": finetune.batch_size,
+                "extra_steps": 0, "extra_batch_size": EXTRA_BATCH_SIZE, "equal_steps": equal_steps}
+    as_run = {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
+              "test_accuracy": evaluate(pruned, data, "test")["accuracy"]}
+    missing = equal_steps - search_steps - training["finetune_steps"]
+    if equal_steps and missing > 0:
+        epochs = math.ceil(missing / math.ceil(len(data.train) / EXTRA_BATCH_SIZE))
+        extra = TrainConfig(epochs=epochs, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr, seed=finetune.seed + 1,
+                            max_steps_per_epoch=math.ceil(missing / epochs))
+        started_extra = time.perf_counter()
+        history += train(pruned, data, extra, state_path=run.state_dir / "extra.state", progress=progress)
+        finetune_seconds += time.perf_counter() - started_extra
+        training["extra_steps"] = finetune_steps(extra, len(data.train))
+    training["total_steps"] = search_steps + training["finetune_steps"] + training["extra_steps"]
+    final = as_run if not training["extra_steps"] else {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
+                                                          "test_accuracy": evaluate(pruned, data, "test")["accuracy"]}
     latency = measure_latency([base_model, pruned], shape, lut)
     evaluations = evaluator.evaluations if candidate_evaluations is None else candidate_evaluations
     metrics = {
@@ -192,8 +218,9 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
         "base_val_accuracy": evaluate(base_model, data, "val")["accuracy"],
         "base_test_accuracy": evaluate(base_model, data, "test")["accuracy"],
         "val_accuracy_before_finetune": val_before, "test_accuracy_before_finetune": test_before,
-        "val_accuracy": evaluate(pruned, data, "val")["accuracy"],
-        "test_accuracy": evaluate(pruned, data, "test")["accuracy"],
+        "val_accuracy": final["val_accuracy"], "test_accuracy": final["test_accuracy"],
+        "test_accuracy_as_run": as_run["test_accuracy"], "val_accuracy_as_run": as_run["val_accuracy"],
+        "training": training,
         "recalibration_note": recalibration_note(pruned),
         "finetune_epochs": finetune.epochs, "finetune_seconds": round(finetune_seconds, 1),
         "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluations,
@@ -219,6 +246,17 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, policy: dict, *, finetune: 
                                            f"{100 * metrics['test_accuracy']:.2f} %")
     atomic_write_text(run.path / "report.md", _report(run, metrics))
     return metrics
+
+
+EXTRA_BATCH_SIZE = 64  # equal training's extra steps: the batch size of NetAdapt's short-term fine-tunes
+
+
+def finetune_steps(config: TrainConfig, train_images: int) -> int:
+    """SGD steps `train` takes with `config` on a training split of `train_images` images."""
+    per_epoch = math.ceil(train_images / config.batch_size)
+    if config.max_steps_per_epoch:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch)
+    return config.epochs * per_epoch
 
 
 def _report(run: Run, m: dict) -> str:
@@ -248,7 +286,10 @@ def _report(run: Run, m: dict) -> str:
         f"(BN recalibrated) {100 * m['val_accuracy_before_finetune']:.2f} %, after "
         f"{100 * m['val_accuracy']:.2f} %",
         f"- test accuracy: unpruned {100 * m['base_test_accuracy']:.2f} %, pruned after {m['finetune_epochs']} "
-        f"fine-tuning epoch(s) {100 * m['test_accuracy']:.2f} %",
+        f"fine-tuning epoch(s) {100 * m.get('test_accuracy_as_run', m['test_accuracy']):.2f} %"
+        + (f", after {m['training']['extra_steps']} more steps (equal training: {m['training']['total_steps']} "
+           f"SGD steps since pruning) {100 * m['test_accuracy']:.2f} %"
+           if m.get("training", {}).get("extra_steps") else ""),
         *([f"- {m['recalibration_note']}"] if m.get("recalibration_note") else []),
         f"- search {m['search_seconds']:.0f} s ({m['candidate_evaluations']} candidates evaluated), "
         f"fine-tuning {m['finetune_seconds']:.0f} s",

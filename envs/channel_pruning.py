@@ -91,6 +91,9 @@ class ChannelPruningEnv(gym.Env):
       0.95; 0 turns the bound off, as in AMC).
 
     ## Version History
+    - v1: the group's, removed and remaining shares are of the budget's resource (latency
+      from the LUT, parameters), not always FLOPs; candidates may be fine-tuned for a few
+      steps before they are scored (`EvaluatorConfig.score_steps`).
     - v0: first version.
     """
 
@@ -144,10 +147,20 @@ class ChannelPruningEnv(gym.Env):
     def _value(self, kept: dict[str, int]) -> float:
         return resource_value(self.budget.metric, self.description, kept, self.lut)
 
+    def _resource_shares(self) -> list[float]:
+        """Each group's share of the budget's resource (see Observation Space)."""
+        if self.budget.metric == "latency":
+            return [(self.base_value - self._value({**self._full, g.name: floor})) / self.base_value
+                    for g, floor in zip(self.groups, self._floor)]
+        shares = group_costs(self.description)
+        total = count_cost(self.description)
+        if self.budget.metric == "params":
+            return [shares[g.name].params / max(1, total.params) for g in self.groups]
+        return [shares[g.name].flops / max(1, total.flops) for g in self.groups]
+
     def _static_features(self) -> np.ndarray:
         layers = {layer.name: layer for layer in self.description.layers}
-        shares = group_costs(self.description)
-        total_flops = max(1, count_cost(self.description).flops)
+        resource = self._resource_shares()
         firsts = [layers[g.producers[0]] for g in self.groups]
         max_in = max(max(layer.in_channels for layer in firsts), 1)
         max_out = max(g.channels for g in self.groups)
@@ -160,7 +173,7 @@ class ChannelPruningEnv(gym.Env):
                 layers[p].kind == "dwconv" for p in g.producers) else 0.0
             rows.append([t / max(1, len(self.groups) - 1), kind, first.in_channels / max_in, g.channels / max_out,
                          max(first.stride) / max_stride, max(first.kernel) / max_kernel,
-                         first.in_size[0] / image, shares[g.name].flops / total_flops])
+                         first.in_size[0] / image, resource[t]])
         return np.asarray(rows, dtype=np.float64)
 
     def _observation(self) -> np.ndarray:

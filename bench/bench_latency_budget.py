@@ -1,0 +1,205 @@
+"""Every agent at a latency budget on this CPU, at equal training, over seeds.
+
+One `autoprune search` per agent and seed into `--out` (resumable: a repeated command
+resumes unfinished runs and skips finished ones). NetAdapt runs first for each seed: its
+network carries the SGD steps of its short-term fine-tunes, and every other agent of
+that seed is then fine-tuned with `--equal-steps` set to NetAdapt's total, so all agents
+of a seed have had the same number of SGD steps after pruning. The report gives, per
+agent, mean ± sd over the seeds of the FLOPs kept, the LUT's and the measured latency
+(in a fresh process on this CPU, as a share of the unpruned network's), validation
+accuracy before fine-tuning, test accuracy as run and at equal training, and the margins
+over uniform and over Torch-Pruning's global pruning with the same seed; and a plot of
+test accuracy against measured latency with every seed.
+
+    python bench/bench_latency_budget.py --lut latency_luts/FILE.json --worker 0/2 &
+    python bench/bench_latency_budget.py --lut latency_luts/FILE.json --worker 1/2 &
+    python bench/bench_latency_budget.py --lut latency_luts/FILE.json --report
+
+Options it does not know go to `autoprune search` as they are (`--model`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from autoprune.latency import load_lut, describe_device, this_device
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_core import write_section  # noqa: E402
+
+AGENTS = "netadapt,ddpg,uniform,random,tp_global"
+
+
+def run_dir(out: Path, agent: str, seed: int) -> Path:
+    return out / f"{agent}-s{seed}"
+
+
+def finished(path: Path) -> bool:
+    return (path / "metrics.json").is_file()
+
+
+def search(args, passthrough: list[str], agent: str, seed: int, equal_steps: int) -> None:
+    path = run_dir(Path(args.out), agent, seed)
+    if finished(path):
+        return
+    if path.is_dir():
+        command = ["search", "--resume", str(path), "--quiet"]
+    else:
+        command = ["search", "--agent", agent, "--budget", args.budget, "--lut", args.lut, "--seed", str(seed),
+                   "--finetune-epochs", str(args.finetune_epochs), "--equal-steps", str(equal_steps),
+                   "--out", str(path), "--quiet", *passthrough]
+    # one process per run: its threads are pinned, and a crash in one run leaves the others alone
+    env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    import os
+
+    code = subprocess.call([sys.executable, "-m", "autoprune.cli", *command], env={**os.environ, **env_threads})
+    if code != 0:
+        print(f"{agent} seed {seed}: exit {code}", file=sys.stderr)
+
+
+def equal_steps_of(out: Path, seed: int, wait: bool) -> int | None:
+    """NetAdapt's total SGD steps since pruning for this seed (waits for its run if asked)."""
+    metrics = run_dir(out, "netadapt", seed) / "metrics.json"
+    while not metrics.is_file():
+        if not wait:
+            return None
+        time.sleep(10)
+    return int(json.loads(metrics.read_text())["training"]["total_steps"])
+
+
+def work(args, passthrough: list[str]) -> None:
+    index, count = (int(v) for v in args.worker.split("/"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    agents = args.agents.split(",")
+    jobs = [(agent, seed) for agent in agents for seed in seeds]  # NetAdapt first: the others need its steps
+    for i, (agent, seed) in enumerate(jobs):
+        if i % count != index:
+            continue
+        steps = 0 if agent == "netadapt" else equal_steps_of(Path(args.out), seed, wait=True)
+        search(args, passthrough, agent, seed, steps)
+
+
+def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def report(args) -> int:
+    out = Path(args.out)
+    table = load_lut(args.lut)
+    runs: dict[str, dict[int, dict]] = {}
+    for agent in args.agents.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            path = run_dir(out, agent, seed)
+            if finished(path):
+                runs.setdefault(agent, {})[seed] = json.loads((path / "metrics.json").read_text())
+    if not runs:
+        print("no finished runs under", out, file=sys.stderr)
+        return 1
+    budget_ratio = float(args.budget.split("%")[0]) / 100
+
+    def margin(agent: str, other: str, key: str) -> str:
+        pairs = [100 * (m[key] - runs[other][s][key]) for s, m in runs.get(agent, {}).items()
+                 if s in runs.get(other, {})]
+        if not pairs or agent == other:
+            return ""
+        return f"{statistics.mean(pairs):+.2f} ({min(pairs):+.2f} to {max(pairs):+.2f})"
+
+    lines = [
+        f"## Every agent at {args.budget}, equal training",
+        "",
+        f"`python bench/bench_latency_budget.py --lut {args.lut} --budget {args.budget} --seeds {args.seeds} "
+        f"--finetune-epochs {args.finetune_epochs}` (two workers, one thread each) on {this_device()}, torch "
+        f"{torch.__version__}, {datetime.date.today().isoformat()}. LUT built on "
+        f"{describe_device(table.data.get('device'))}. Default ResNet-20 on Fashion-MNIST. Each network is "
+        f"BN-recalibrated, fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine, batch 256) and "
+        "then, except NetAdapt's, trained on for as many SGD steps (batch 64) as NetAdapt's short-term fine-tunes "
+        "gave its network with the same seed: every agent of a seed has had the same number of SGD steps after "
+        "pruning. Mean ± sd over the seeds. Latency as a share of the unpruned network's; measured: timed in a "
+        "fresh process on this CPU, torch eager, 1 thread, batch 1, pruned and unpruned in turn. Margins: test "
+        "accuracy at equal training minus that of uniform / Torch-Pruning global with the same seed, mean (min "
+        "to max).",
+        "",
+        "| agent | seeds | FLOPs kept (%) | LUT latency (%) | measured latency (%) | val before FT (%) "
+        "| test as run (%) | test, equal training (%) | SGD steps | vs uniform (pp) | vs TP global (pp) | search (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for agent in args.agents.split(","):
+        done = runs.get(agent, {})
+        if not done:
+            lines.append(f"| {agent} | 0 | | | | | | | | | | |")
+            continue
+        ms = list(done.values())
+        lines.append(
+            f"| {agent} | {len(ms)} | {mean_sd([m['flops_ratio'] for m in ms], digits=1)} | "
+            f"{mean_sd([m['lut_latency_ratio'] for m in ms], digits=1)} | "
+            f"{mean_sd([m['measured_latency_ratio'] for m in ms], digits=1)} | "
+            f"{mean_sd([m['val_accuracy_before_finetune'] for m in ms])} | "
+            f"{mean_sd([m['test_accuracy_as_run'] for m in ms])} | {mean_sd([m['test_accuracy'] for m in ms])} | "
+            f"{', '.join(str(m['training']['total_steps']) for m in ms)} | "
+            f"{margin(agent, 'uniform', 'test_accuracy')} | {margin(agent, 'tp_global', 'test_accuracy')} | "
+            f"{statistics.mean(m['search_seconds'] for m in ms):.0f} |")
+    within = [abs(m["measured_latency_ratio"] - budget_ratio) / budget_ratio <= 0.03
+              for done in runs.values() for m in done.values()]
+    lines += ["", f"Measured latency within 3 % of the budget: {sum(within)} of {len(within)} networks."]
+    body = "\n".join(lines)
+    print(body)
+    plot(runs, out / "accuracy_vs_measured_latency.png", budget_ratio)
+    if not args.no_write:
+        write_section(f"bench_latency_budget_{args.budget.replace('%', 'p')}", body)
+        target = ROOT / "bench" / "results" / f"latency-budget-{args.budget.replace('%', 'p')}.png"
+        target.write_bytes((out / "accuracy_vs_measured_latency.png").read_bytes())
+    return 0
+
+
+def plot(runs: dict[str, dict[int, dict]], path: Path, budget_ratio: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent, done in runs.items():
+        x = [100 * m["measured_latency_ratio"] for m in done.values()]
+        y = [100 * m["test_accuracy"] for m in done.values()]
+        ax.scatter(x, y, label=agent, alpha=0.8)
+    ax.axvline(100 * budget_ratio, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("measured latency, % of the unpruned network")
+    ax.set_ylabel("test accuracy at equal training, %")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lut", required=True)
+    parser.add_argument("--agents", default=AGENTS)
+    parser.add_argument("--budget", default="50%latency")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench-latency-budget")
+    parser.add_argument("--worker", default="0/1", help="I/N: run every N-th job starting at I")
+    parser.add_argument("--report", action="store_true", help="only summarise the finished runs")
+    parser.add_argument("--no-write", action="store_true")
+    args, passthrough = parser.parse_known_args()
+    if not args.report:
+        work(args, passthrough)
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
