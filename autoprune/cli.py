@@ -657,9 +657,12 @@ def cmd_search(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from autoprune.compare import load_runs, new_comparison_dir, write_comparison
+    from autoprune.compare import check_equal_training, load_runs, new_comparison_dir, write_comparison
 
     records = load_runs(args.runs)
+    if args.equal_training:
+        steps = check_equal_training(records)
+        print(f"equal training: every run had {steps} SGD steps after pruning")
     out = Path(args.out) if args.out else new_comparison_dir()
     _, markdown, written = write_comparison(records, out)
     print(markdown)
@@ -920,6 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="finished runs side by side: table (CSV, Markdown) and Pareto plots")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `autoprune search`")
     p.add_argument("--out", default=None, help="output directory (default: comparisons/TIME/)")
+    p.add_argument("--equal-training", action="store_true",
+                   help="refuse runs that did not all have the same number of SGD steps after pruning "
+                        "(search them with --equal-steps N)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="search every agent at every budget and seed, then compare; "

@@ -10,6 +10,12 @@ runs that pruned different models or used different data sets, and writes
 
 The Pareto front (no other run is both cheaper and more accurate) is marked in both
 accuracy plots.
+
+Training counts: NetAdapt's network carries the SGD steps of its short-term fine-tunes,
+which other searchers' networks lack. Each run records its SGD steps since pruning; "test
+acc as run" is the accuracy after the run's own fine-tune, "test acc after FT" the final
+one (after `--equal-steps` extra steps, where given). `check_equal_training` refuses a
+set of runs whose final figures rest on different amounts of training.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from autoprune.io import atomic_write_bytes, atomic_write_text
 from autoprune.runs import CONFIG, METRICS
 
 COLUMNS = ("run", "agent", "budget", "seed", "FLOPs (% of base)", "params (% of base)", "LUT latency (ms)",
-           "measured latency (ms)", "val acc before FT (%)", "test acc after FT (%)", "search (s)",
-           "fine-tune (s)")
+           "measured latency (ms)", "val acc before FT (%)", "SGD steps since pruning", "test acc as run (%)",
+           "test acc after FT (%)", "search (s)", "fine-tune (s)")
 
 
 @dataclass
@@ -102,6 +108,25 @@ def check_comparable(records: list[RunRecord]) -> None:
                              "they differ in " + " | ".join(problems))
 
 
+def check_equal_training(records: list[RunRecord]) -> int:
+    """The SGD steps since pruning that every run had; AutopruneError naming the runs that do
+    not record them, or the runs whose counts differ."""
+    missing = [r.name for r in records if not isinstance(r.metrics.get("training"), dict)]
+    if missing:
+        raise AutopruneError(f"equal training cannot be checked: these runs do not record their SGD steps since "
+                             f"pruning (written before autoprune counted them): {', '.join(missing)}; run those "
+                             "searches again")
+    totals: dict[int, list[str]] = {}
+    for r in records:
+        totals.setdefault(int(r.metrics["training"]["total_steps"]), []).append(r.name)
+    if len(totals) > 1:
+        largest = max(totals)
+        raise AutopruneError("these runs had different amounts of training after pruning: " + "; ".join(
+            f"{steps} SGD steps ({', '.join(names)})" for steps, names in sorted(totals.items())) +
+            f"; search again with --equal-steps {largest} for equal training")
+    return next(iter(totals))
+
+
 def _pct(value) -> float:
     return round(100.0 * value, 2) if value is not None else math.nan
 
@@ -122,6 +147,8 @@ def comparison_table(records: list[RunRecord]) -> pd.DataFrame:
             "LUT latency (ms)": _round(m.get("lut_latency_ms"), 3),
             "measured latency (ms)": _round(m.get("measured_latency_ms"), 3),
             "val acc before FT (%)": _pct(m.get("val_accuracy_before_finetune")),
+            "SGD steps since pruning": (m.get("training") or {}).get("total_steps"),
+            "test acc as run (%)": _pct(m.get("test_accuracy_as_run", m.get("test_accuracy"))),
             "test acc after FT (%)": _pct(m.get("test_accuracy")),
             "search (s)": _round(m.get("search_seconds"), 1), "fine-tune (s)": _round(m.get("finetune_seconds"), 1),
         })

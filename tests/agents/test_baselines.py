@@ -154,3 +154,28 @@ def test_sensitivity_meets_the_budget_saves_its_curves_and_resumes(evaluator, tm
     for drop in (d for d in drops if d < result["threshold"]):
         smaller = policy_for_threshold(curves, saved["base_accuracy"], drop)
         assert not check_budget(BUDGET, evaluator.description, smaller).ok
+
+
+def test_tp_global_meets_the_budget_with_torch_pruning_s_own_network(evaluator, tmp_path):
+    from agents.baselines import run_tp_global
+    from autoprune.costs import count_cost, policy_channels
+    from autoprune.pruning import describe_network
+
+    run = new_run(tmp_path / "tp")
+    result = run_tp_global(run, evaluator, BUDGET, lower_bound=0.2, progress=False)
+    description = evaluator.description
+    assert check_budget(BUDGET, description, result["policy"]).ok
+    counted = count_cost(describe_network(result["model"], description.input_shape))
+    assert counted == count_cost(description, policy_channels(description, result["policy"]))
+    assert all(result["channels"][g.name] >= channels_to_keep(g.channels, 0.2) - 1 for g in description.groups)
+    # the bisection's last step: a little less pruning breaks the budget
+    rows = run.read_history()
+    assert len(rows) > 3 and run.read_best_policy()["policy"] == result["policy"]
+    assert any(float(r["cost_ratio"]) > 0.5 for r in rows)
+
+
+def test_tp_global_refuses_a_budget_out_of_reach(evaluator, tmp_path):
+    from agents.baselines import run_tp_global
+
+    with pytest.raises(AutopruneError, match="cannot meet"):
+        run_tp_global(new_run(tmp_path / "tp"), evaluator, parse_budget("1%flops"), lower_bound=0.5, progress=False)

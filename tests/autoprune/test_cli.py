@@ -141,6 +141,49 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
     assert metrics["lut_latency_ms"] > 0 and metrics["lut_latency_ms_base"] > 0
     assert metrics["budget"]["met"] is True and "budget 1000ms: met" in out
 
+    # a latency budget bounds the latency of the LUT's CPU: another CPU's LUT is refused unless allowed
+    # (entries from a formula, so that a timing of the tiny model's layers by a busy machine cannot make the
+    # table non-monotone and the budget unreachable)
+    data = json.loads(lut.read_text())
+    for entry in data["entries"].values():
+        entry["ms"] = [[0.01 + 1e-4 * i * o for o in entry["out"]] for i in entry["in"]]
+    data["calibration"] = {"scale": 1.0, "offset_ms": 0.05}
+    lut.write_text(json.dumps(data))
+    foreign = tmp_path / "other-cpu.json"
+    foreign.write_text(json.dumps({**data, "device": {"cpu": "Some Other CPU", "cpu_id": "family 1 model 2"}}))
+    search = ["search", "--model", str(checkpoint), "--agent", "uniform", "--budget", "90%latency", *BASELINE_FAST]
+    code, _, err = run(capsys, *search, "--lut", str(foreign), "--out", str(tmp_path / "refused"))
+    assert code == 2 and "Some Other CPU" in one_error_line(err) and "--allow-other-device" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run(capsys, *search, "--lut", str(foreign), "--allow-other-device", "--out", str(tmp_path / "ok"))
+    assert code == 0, err
+    code, _, err = run(capsys, *search, "--lut", str(lut), "--out", str(tmp_path / "here"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "here" / "metrics.json").read_text())["lut_latency_ratio"] <= 0.9 + 1e-9
+
+
+def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint, tmp_path, capsys):
+    search = ["search", "--model", str(checkpoint), "--agent", "uniform", "--budget", "60%flops", *BASELINE_FAST]
+    code, _, err = run(capsys, *search, "--equal-steps", "7", "--out", str(tmp_path / "equal"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "equal" / "metrics.json").read_text())
+    assert metrics["training"]["extra_steps"] == metrics["training"]["total_steps"] == 7
+    assert metrics["test_accuracy_as_run"] == metrics["test_accuracy_before_finetune"]  # no fine-tune epochs
+    code, _, err = run(capsys, *search, "--out", str(tmp_path / "as-run"))
+    assert code == 0, err
+    code, out, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "as-run"),
+                         "--out", str(tmp_path / "cmp"))
+    assert code == 0 and "SGD steps since pruning" in out and "test acc as run" in out, err
+    code, _, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "as-run"), "--equal-training",
+                       "--out", str(tmp_path / "cmp2"))
+    assert code == 2 and "--equal-steps 7" in one_error_line(err)
+    old = json.loads((tmp_path / "as-run" / "metrics.json").read_text())
+    del old["training"]
+    (tmp_path / "as-run" / "metrics.json").write_text(json.dumps(old))
+    code, _, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "as-run"), "--equal-training",
+                       "--out", str(tmp_path / "cmp3"))
+    assert code == 2 and "do not record their SGD steps since pruning (written before autoprune counted them): as-run;" in one_error_line(err)
+
 
 def test_lut_bad_inputs(checkpoint, tmp_path, capsys):
     truncated = tmp_path / "truncated.json"
@@ -325,7 +368,7 @@ def test_search_refuses_bad_agent_settings_before_creating_the_run(checkpoint, t
                                    "entries": {"linear|bias=1|post=none": {"in": [1], "out": [1], "ms": [[0.01]]}}}))
     cases = {
         "unknown agent": (["--agent", "genetic", "--budget", "50%flops"],
-                          "unknown agent 'genetic'; choose one of ddpg, netadapt, uniform, random, sensitivity"),
+                          "unknown agent 'genetic'; choose one of ddpg, netadapt, uniform, random, sensitivity, tp_global"),
         "latency budget without a LUT": (["--agent", "uniform", "--budget", "40%latency"], "needs a latency table"),
         "LUT of another model": (["--agent", "random", "--budget", "50%flops", "--lut", str(foreign)],
                                  "was built for model 'someone-else'"),

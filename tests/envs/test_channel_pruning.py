@@ -116,3 +116,20 @@ def test_unreachable_budget_and_bad_arguments(evaluator):
         ChannelPruningEnv(evaluator, parse_budget("50%latency"))
     with pytest.raises(AutopruneError, match="fill -0.1 must be in"):
         ChannelPruningEnv(evaluator, parse_budget("50%flops"), fill=-0.1)
+
+
+def test_under_a_latency_budget_the_shares_are_of_latency_not_flops(evaluator, formula_lut):
+    """v1: the group's share, the removed share and the rest are the budget's own resource."""
+    flops_env = ChannelPruningEnv(evaluator, parse_budget("50%flops"), lut=formula_lut)
+    latency_env = ChannelPruningEnv(evaluator, parse_budget("60%latency"), lut=formula_lut)
+    share = OBSERVATION_FEATURES.index("cost")
+    base = latency_env.base_value
+    for t, group in enumerate(latency_env.groups):
+        floor = latency_env._floor[t]
+        saved = base - formula_lut.predict_ms(latency_env.description, {**latency_env._full, group.name: floor})
+        assert latency_env._static[t, share] == pytest.approx(saved / base)
+    # the formula LUT charges a fixed 10 µs per layer: latency shares differ from FLOPs shares
+    assert not np.allclose(latency_env._static[:, share], flops_env._static[:, share])
+    obs, _ = latency_env.reset(seed=0)
+    rest = OBSERVATION_FEATURES.index("rest")
+    assert obs[rest] == pytest.approx(min(1.0, latency_env._static[1:, share].sum()), rel=1e-5)
