@@ -25,6 +25,8 @@ from autoprune.runs import BEST_POLICY, Run
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ddpg_state.pt"
+# per-episode diagnostics of the agent (EpisodeTracker.diagnostics), one column each in history.csv
+TRACE_COLUMNS = ("actor_action", "actor_spread", "sampled_action", "effective_action", "critic_q_first")
 OLD_STATE_FILE = "ddpg.zip"  # SB3 archive of earlier versions, without the random generators
 
 
@@ -133,6 +135,7 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                                     if record["latency_ms"] is not None else None)}
         history.append({key: record[key] for key in ("episode", "reward", "accuracy")} | ratios
                        | {key: record[key] for key in ("cost_ratio", "noise_sigma", "warmup")}
+                       | {key: record.get(key) for key in TRACE_COLUMNS}
                        | {"seconds": round(now - started[0], 3)})
         started[0] = now
         improved = tracker.best is record  # the tracker made this episode the best before calling here

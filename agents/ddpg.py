@@ -211,6 +211,7 @@ class EpisodeTracker(BaseCallback):
         self.rollout_steps = 0  # environment steps since the last rollout ended
         self.pending_updates = 0  # gradient steps a resumed search owes its last episode
         self._finished: list[dict] = []
+        self._trace: list[tuple] = []  # (observation, sampled action, effective action) of this rollout's steps
 
     def _on_training_start(self) -> None:
         if self.pending_updates:
@@ -219,11 +220,35 @@ class EpisodeTracker(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self.rollout_steps = 0
+        self._trace = []
 
     def _on_step(self) -> bool:
         self.rollout_steps += 1
+        info = self.locals["infos"][0]
+        # SB3 replaces _last_obs only after this callback: it is the state the action was taken in
+        self._trace.append((np.asarray(self.model._last_obs[0], dtype=np.float32).copy(),
+                            float(np.asarray(self.locals["buffer_actions"]).reshape(-1)[0]),
+                            float(info.get("effective_action", np.nan))))
         self._finished += [info for done, info in zip(self.locals["dones"], self.locals["infos"]) if done]
         return True
+
+    def diagnostics(self) -> dict:
+        """What the agent did in the rollout just finished, for the history: the actor's own
+        (noise-free) action, the action sampled around it and the one that took effect after
+        the environment's bounds, each averaged over the episode's steps; the spread of the
+        actor's actions over the steps (near 0: it gives every group the same ratio); and
+        the critic's estimate of the first state under the actor's action."""
+        if not self._trace:
+            return {}
+        observations = torch.as_tensor(np.stack([t[0] for t in self._trace]))
+        with torch.no_grad():
+            actor = self.model.actor(observations)
+            q_first = self.model.critic.q1_forward(observations[:1], actor[:1])
+        actor = actor.numpy().reshape(-1)
+        return {"actor_action": round(float(actor.mean()), 4), "actor_spread": round(float(actor.std()), 4),
+                "sampled_action": round(float(np.mean([t[1] for t in self._trace])), 4),
+                "effective_action": round(float(np.mean([t[2] for t in self._trace])), 4),
+                "critic_q_first": round(float(q_first.reshape(-1)[0]), 4)}
 
     def _on_rollout_end(self) -> None:
         finished, self._finished = self._finished, []
@@ -233,7 +258,8 @@ class EpisodeTracker(BaseCallback):
                       "cost_ratio": info["cost_ratio"], "flops": info["flops"], "params": info["params"],
                       "latency_ms": info["latency_ms"],
                       "noise_sigma": 0.0 if self.episode <= self.warmup_episodes else self.noise.sigma,
-                      "warmup": self.episode <= self.warmup_episodes, "policy": info["policy"]}
+                      "warmup": self.episode <= self.warmup_episodes, "policy": info["policy"],
+                      **self.diagnostics()}
             if self.episode > self.warmup_episodes:
                 self.noise.step()
             if self.best is None or record["reward"] > self.best["reward"]:
