@@ -108,6 +108,10 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
                              "exactly; start a new search")
     if (state / STATE_FILE).is_file():
         saved = _load_state(state / STATE_FILE)
+        dims = saved["buffer"]["observations"].shape[-1]
+        if dims != env.observation_space.shape[0]:
+            raise AutopruneError(f"{run.path} was searched with {dims} state features, this environment has "
+                                 f"{env.observation_space.shape[0]} (an earlier version); start a new search")
         restore_agent_state(agent, tracker, saved)
         if "history" in saved:
             history = _check_files(run, saved, tracker)

@@ -146,7 +146,8 @@ def _base_value(evaluator: PolicyEvaluator, budget: Budget, lut=None) -> float:
 # ---------------------------------------------------------------- random
 
 def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *, samples: int = 100,
-               lower_bound: float = 0.2, fill: float = DEFAULT_FILL, seed: int = 0, progress: bool = True) -> dict:
+               lower_bound: float = 0.2, fill: float = DEFAULT_FILL, action_mapping: str = "feasible", seed: int = 0,
+               progress: bool = True) -> dict:
     """`samples` random policies inside the budget; the best by validation accuracy.
 
     Each policy is one episode of the AMC environment driven by actions drawn uniformly
@@ -160,7 +161,8 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
 
     if samples < 1:
         raise AutopruneError(f"the random search needs at least one sample, got {samples}")
-    env = ChannelPruningEnv(evaluator, budget, lut=lut, lower_bound=lower_bound, fill=fill)
+    env = ChannelPruningEnv(evaluator, budget, lut=lut, lower_bound=lower_bound, fill=fill,
+                            action_mapping=action_mapping)
     rng = np.random.default_rng(seed)
     state_path = run.state_dir / RANDOM_STATE
     done, best, history = 0, None, []

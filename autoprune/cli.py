@@ -347,10 +347,11 @@ SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "ag
                "reward", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
                "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
                "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency",
-               "score_steps", "equal_steps", "allow_other_device")
+               "score_steps", "equal_steps", "allow_other_device", "action_mapping")
 NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
                   "measure_latency")
-AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill"), "random": ("samples", "fill"),
+AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill", "action_mapping"),
+              "random": ("samples", "fill", "action_mapping"),
               "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only some agents read
 
 
@@ -437,7 +438,7 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
         from envs.channel_pruning import ChannelPruningEnv
 
         env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward,
-                                fill=args.fill)
+                                fill=args.fill, action_mapping=args.action_mapping)
         config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
 
         def search_ddpg(run):
@@ -477,11 +478,11 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
         from envs.channel_pruning import ChannelPruningEnv
 
         ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound,
-                          fill=args.fill)  # refuses bad settings now
+                          fill=args.fill, action_mapping=args.action_mapping)  # refuses bad settings now
 
         def search(run):
             return baselines.run_random(run, evaluator, budget, table, samples=args.samples,
-                                        lower_bound=args.lower_bound, fill=args.fill, seed=args.seed,
+                                        lower_bound=args.lower_bound, fill=args.fill, action_mapping=args.action_mapping, seed=args.seed,
                                         progress=progress), None
     else:
         baselines.sensitivity_grid(args.lower_bound, args.sensitivity_step)
@@ -581,7 +582,8 @@ def _run_search(args, loaded, opened: list):
                 setattr(args, key, saved[key])
         if "fill" not in saved:
             args.fill = 0.0  # written before the fill bound existed: resume without it
-        for key, before in (("score_steps", 0), ("equal_steps", 0), ("allow_other_device", False)):
+        for key, before in (("score_steps", 0), ("equal_steps", 0), ("allow_other_device", False),
+                            ("action_mapping", "absolute")):
             if key not in saved:
                 setattr(args, key, before)  # written before the setting existed
         args.no_download = True
@@ -817,6 +819,9 @@ def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--fill", type=float, default=DEFAULT_FILL,
                    help="ddpg and random: share of the budget every episode is steered to use, through a lower "
                         f"action bound (default: {DEFAULT_FILL:g}; 0: AMC's upper bound only)")
+    p.add_argument("--action-mapping", choices=("feasible", "absolute"), default="feasible",
+                   help="ddpg and random: an action spans the keep ratios the budget's bounds allow (feasible), or "
+                        "[--lower-bound, 1] clipped to them (absolute, AMC's)")
     p.add_argument("--channel-multiple", type=pos_int, default=1, help="round kept channels to this multiple")
     p.add_argument("--val-images", type=pos_int, default=1000,
                    help="validation images scored per candidate (a fixed subset of the validation split)")
@@ -901,6 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="uniform:RATIO or a JSON file {group: keep_ratio}")
     p.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"),
                    help="which channels to keep inside a group (default: l1)")
+    p.add_argument("--action-mapping", choices=("feasible", "absolute"), default="feasible",
+                   help="ddpg and random: an action spans the keep ratios the budget's bounds allow (feasible), or "
+                        "[--lower-bound, 1] clipped to them (absolute, AMC's)")
     p.add_argument("--channel-multiple", type=pos_int, default=1, help="round kept channels to this multiple")
     p.add_argument("--bn-batches", type=nonneg_int, default=20, help="training batches for BN recalibration")
     p.add_argument("--seed", type=int, default=0)

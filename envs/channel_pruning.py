@@ -17,7 +17,8 @@ from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 
 OBSERVATION_FEATURES = ("index", "layer_type", "in_channels", "out_channels", "stride", "kernel", "feature_size",
-                        "cost", "reduced", "rest", "previous_action")
+                        "cost", "reduced", "rest", "previous_action", "lowest_keep", "highest_keep")
+ACTION_MAPPINGS = ("feasible", "absolute")
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,21 @@ class ChannelPruningEnv(gym.Env):
     """Decide, group by group in network order, how many channels to keep.
 
     ## Action Space
-    `Box(-1, 1, (1,), float32)`, mapped linearly to a keep ratio in
-    `[lower_bound, 1]`, then rounded to a channel count. The count is clipped so that
-    the budget can still be met if every later group is pruned to the lower bound (AMC's
-    action bound). Every episode therefore ends inside the budget, whatever the agent does.
-    It is also clipped from below, so that the network can still use `fill` of the budget
-    if every later group is kept whole: an episode ends using at least that share of the
-    budget unless the groups' channel steps are too coarse for it (the budget wins then).
-    Without this bound nothing steers a policy towards its budget: at tight budgets,
-    where every candidate scores near chance before fine-tuning, the search can settle on
-    a policy that keeps far less than it may, and loses accuracy it could have had.
+    `Box(-1, 1, (1,), float32)`. Two bounds limit the channels a group may keep. From above,
+    AMC's action bound: the budget must stay reachable if every later group goes to the
+    lower bound, so every episode ends inside the budget, whatever the agent does. From
+    below, the fill bound: `fill` of the budget must stay reachable if every later group is
+    kept whole, so an episode uses at least that share of the budget unless the groups'
+    channel steps are too coarse for it (the budget wins then). Without it nothing steers
+    a policy towards its budget, and at tight budgets a search can settle on a policy that
+    keeps far less than it may. With `action_mapping="feasible"` (the default) the action
+    is mapped linearly onto the keep ratios between the two bounds, then rounded to a
+    channel count: every action takes effect, and the agent's whole action range is spent
+    where the budget leaves a choice. With `"absolute"` (AMC's, and v0's) it maps onto
+    `[lower_bound, 1]` and is then clipped to the bounds; at a budget that removes most of
+    the network nearly all of that range lies outside them, every action there has the
+    same effect, and the actor drifts to the edge of the range (measured: it settled at
+    "keep everything", the bounds doing all the allocating).
 
     ## Observation Space
     `Box(0, 1, (11,), float32)`, AMC's layer embedding, each feature scaled to [0, 1]:
@@ -66,7 +72,8 @@ class ChannelPruningEnv(gym.Env):
     output channels of its first layer (over the network's largest), stride, kernel,
     input feature-map size (over the image size), the group's share of the budget's
     resource, the share already removed by earlier decisions, the share of the groups
-    still to come, and the previous keep ratio.
+    still to come, the previous keep ratio, and the lowest and highest keep ratio the
+    bounds allow this group (`Box(0, 1, (13,), float32)`).
 
     ## Rewards
     Zero until the last step. At the last step the policy is applied (channels removed for
@@ -89,19 +96,24 @@ class ChannelPruningEnv(gym.Env):
     - `reward`: a key of `REWARDS` (default `acc`).
     - `fill`: share of the budget every episode is steered to use, in [0, 1] (default
       0.95; 0 turns the bound off, as in AMC).
+    - `action_mapping`: `feasible` (default) or `absolute` (see Action Space).
 
     ## Version History
     - v1: the group's, removed and remaining shares are of the budget's resource (latency
-      from the LUT, parameters), not always FLOPs; candidates may be fine-tuned for a few
-      steps before they are scored (`EvaluatorConfig.score_steps`).
+      from the LUT, parameters), not always FLOPs; the action maps onto the keep ratios
+      the bounds allow, which the observation now carries (13 features); candidates may be
+      fine-tuned for a few steps before they are scored (`EvaluatorConfig.score_steps`).
     - v0: first version.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, evaluator: PolicyEvaluator, budget: Budget, lut=None, lower_bound: float = 0.2,
-                 reward: str = "acc", fill: float = DEFAULT_FILL):
+                 reward: str = "acc", fill: float = DEFAULT_FILL, action_mapping: str = "feasible"):
         super().__init__()
+        if action_mapping not in ACTION_MAPPINGS:
+            raise AutopruneError(f"unknown action mapping {action_mapping!r}; choose one of {', '.join(ACTION_MAPPINGS)}")
+        self.action_mapping = action_mapping
         if reward not in REWARDS:
             raise AutopruneError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
         if not 0.0 < lower_bound <= 1.0:
@@ -181,8 +193,17 @@ class ChannelPruningEnv(gym.Env):
         current = {**self._full, **self._kept}
         reduced = (self.base_value - self._value(current)) / self.base_value
         rest = sum(self._static[i, 7] for i in range(t + 1, len(self.groups)))
-        obs = np.concatenate([self._static[t], [reduced, rest, self._previous]])
+        low, high = self.count_range(t)
+        channels = self.groups[t].channels
+        obs = np.concatenate([self._static[t], [reduced, rest, self._previous, low / channels, high / channels]])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def count_range(self, t: int) -> tuple[int, int]:
+        """The fewest and the most channels group t may keep, given the decisions so far:
+        (lower bound and fill bound, action bound); the budget wins where they cross."""
+        high = self.max_feasible(t)
+        low = min(max(self._floor[t], self.min_to_fill(t)), high)
+        return low, high
 
     def max_feasible(self, t: int) -> int:
         """Largest count for group t such that the budget holds with later groups at the lower bound."""
@@ -224,15 +245,28 @@ class ChannelPruningEnv(gym.Env):
         return choices[lo]
 
     def action_to_count(self, t: int, action: float) -> int:
-        """Keep ratio from the action, rounded to a channel count, clipped to the action
-        bounds: at most what keeps the budget reachable, at least what keeps `fill` of it
-        reachable (the budget wins if the two cross)."""
+        """The channel count an action gives group t (see Action Space)."""
+        return self._act(t, action)[0]
+
+    def _act(self, t: int, action: float) -> tuple[int, float]:
+        """(channel count, the action that took effect once the count is rounded and bounded)."""
         action = float(np.clip(action, -1.0, 1.0))
-        ratio = self.lower_bound + (action + 1.0) / 2.0 * (1.0 - self.lower_bound)
         g = self.groups[t]
-        count = group_keep(g, ratio, self.evaluator.config.channel_multiple)
-        count = max(count, self._floor[t], self.min_to_fill(t))
-        return int(min(count, self.max_feasible(t)))
+        multiple = self.evaluator.config.channel_multiple
+        low, high = self.count_range(t)
+        if self.action_mapping == "absolute":
+            ratio = self.lower_bound + (action + 1.0) / 2.0 * (1.0 - self.lower_bound)
+            count = int(min(max(group_keep(g, ratio, multiple), low), high))
+            kept = count / g.channels
+            effective = float(np.clip(2.0 * (kept - self.lower_bound) / (1.0 - self.lower_bound) - 1.0, -1, 1)) \
+                if self.lower_bound < 1.0 else 1.0
+            return count, effective
+        if high <= low:
+            return low, action  # one count only: every action has the same effect
+        wanted = low + (action + 1.0) / 2.0 * (high - low)
+        choices = [c for c in self._choices[t] if low <= c <= high] or [low]
+        count = min(choices, key=lambda c: (abs(c - wanted), c))
+        return int(count), float(2.0 * (count - low) / (high - low) - 1.0)
 
     # ------------------------------------------------------------ Gymnasium API
 
@@ -256,13 +290,10 @@ class ChannelPruningEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t = self._t
         g = self.groups[t]
-        count = self.action_to_count(t, float(np.asarray(action, dtype=np.float64).reshape(-1)[0]))
+        count, effective = self._act(t, float(np.asarray(action, dtype=np.float64).reshape(-1)[0]))
         self._kept[g.name] = count
         self._previous = count / g.channels
         self._t += 1
-        # the action that took effect once rounding and the action bound are applied
-        effective = float(np.clip(2.0 * (self._previous - self.lower_bound) / (1.0 - self.lower_bound) - 1.0, -1, 1)) \
-            if self.lower_bound < 1.0 else 1.0
         if self._t < len(self.groups):
             return self._observation(), 0.0, False, False, {"effective_action": effective}
         policy = {gg.name: self._kept[gg.name] / gg.channels for gg in self.groups}

@@ -42,7 +42,7 @@ def test_passes_gymnasium_and_sb3_checkers_without_warnings(evaluator):
 def test_registered_with_a_versioned_id(evaluator):
     env = gym.make(envs.ENV_ID, evaluator=evaluator, budget=parse_budget("50%flops"))
     assert isinstance(env.unwrapped, ChannelPruningEnv)
-    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (11,)
+    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (13,)
 
 
 def adversarial_sequences(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -133,3 +133,31 @@ def test_under_a_latency_budget_the_shares_are_of_latency_not_flops(evaluator, f
     obs, _ = latency_env.reset(seed=0)
     rest = OBSERVATION_FEATURES.index("rest")
     assert obs[rest] == pytest.approx(min(1.0, latency_env._static[1:, share].sum()), rel=1e-5)
+
+
+def test_feasible_mapping_spends_the_whole_action_range_between_the_bounds(evaluator, formula_lut):
+    env = ChannelPruningEnv(evaluator, parse_budget("45%latency"), lut=formula_lut, lower_bound=0.1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        env.reset(seed=0)
+        for t in range(len(env.groups)):
+            low, high = env.count_range(t)
+            assert low <= high
+            assert env.action_to_count(t, -1.0) == low and env.action_to_count(t, 1.0) == high
+            counts = [env.action_to_count(t, a) for a in np.linspace(-1, 1, 9)]
+            assert counts == sorted(counts) and all(low <= c <= high for c in counts)
+            obs, _, _, _, info = env.step(np.array([rng.uniform(-1, 1)], dtype=np.float32))
+            kept = env._kept[env.groups[t].name]
+            if high > low:  # the effective action gives back the count it took effect as
+                assert env.action_to_count(t, info["effective_action"]) == kept
+    # absolute (AMC's) mapping: at a tight budget most of the range is clipped to one count
+    absolute = ChannelPruningEnv(evaluator, parse_budget("45%latency"), lut=formula_lut, lower_bound=0.1,
+                                 action_mapping="absolute")
+    absolute.reset(seed=0)
+    env.reset(seed=0)
+    assert env.count_range(0) == absolute.count_range(0)
+    feasible_counts = {env.action_to_count(0, a) for a in np.linspace(-1, 1, 21)}
+    absolute_counts = {absolute.action_to_count(0, a) for a in np.linspace(-1, 1, 21)}
+    assert len(feasible_counts) >= len(absolute_counts)
+    with pytest.raises(AutopruneError, match="action mapping"):
+        ChannelPruningEnv(evaluator, parse_budget("50%flops"), action_mapping="sideways")
