@@ -720,7 +720,8 @@ def _sweep_plan(args) -> list[argparse.Namespace]:
                 ns.sweep = args.out
                 _check_search_args(ns)
                 plan.append(ns)
-    return plan
+    # NetAdapt first: with equal training the other agents of its budget and seed get its SGD steps
+    return sorted(plan, key=lambda ns: ns.agent != "netadapt")
 
 
 def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
@@ -730,11 +731,23 @@ def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
     differ = []
     for key in SEARCH_KEYS:
         wanted = getattr(ns, key, None)
-        if key in others or key in NETADAPT_RESUME_OVERRIDES:
-            continue  # another agent's setting; or one a resumed NetAdapt search may raise
+        if key in others or key in NETADAPT_RESUME_OVERRIDES or (key == "equal_steps" and ns.level_training):
+            continue  # another agent's setting; one a resumed NetAdapt search may raise; or set by the sweep
         if wanted is not None and key in saved and saved[key] != wanted:
             differ.append(f"{key} {saved[key]!r} (now {wanted!r})")
     return differ
+
+
+def _netadapt_steps(plan: list[argparse.Namespace], ns: argparse.Namespace) -> int:
+    """SGD steps since pruning of the NetAdapt run of `ns`'s budget and seed (0 if it failed)."""
+    from autoprune.runs import METRICS
+
+    for other in plan:
+        if other.agent == "netadapt" and (other.budget, other.seed) == (ns.budget, ns.seed):
+            metrics = Path(other.out) / METRICS
+            if metrics.is_file():
+                return int(json.loads(metrics.read_text()).get("training", {}).get("total_steps", 0))
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -743,6 +756,7 @@ def cmd_sweep(args) -> int:
     from autoprune.pruning import describe_network
     from autoprune.runs import CONFIG, METRICS
 
+    args.level_training = not args.as_run and args.equal_steps == 0 and "netadapt" in _split_list(args.agents)
     plan = _sweep_plan(args)
     if any(ns.agent == "netadapt" for ns in plan):
         _import_netadapt()
@@ -786,6 +800,8 @@ def cmd_sweep(args) -> int:
             ns.resume = str(path)
             print(f"{label}: resuming {path}", flush=True)
         else:
+            if args.level_training and ns.agent != "netadapt":
+                ns.equal_steps = _netadapt_steps(plan, ns)
             print(f"{label}: running into {path}", flush=True)
         try:
             _, metrics = run_search(ns, loaded=loaded)
@@ -944,6 +960,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_args(p, seed=False)
     p.add_argument("--out", default=None,
                    help="directory of the sweep's runs and comparison (default: runs/sweep-AGENTS-BUDGETS-sSEEDS)")
+    p.add_argument("--as-run", action="store_true",
+                   help="with netadapt among the agents, do not give the others its SGD steps (by default every "
+                        "agent of a budget and seed is trained as long after pruning as NetAdapt's network)")
     p.set_defaults(func=cmd_sweep)
 
     lut = sub.add_parser("lut", help="latency lookup tables measured on this device")

@@ -429,6 +429,23 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(sweep, capsys):
     assert code == 0 and stdout.count("finished, skipped") == 2
 
 
+def test_sweep_gives_every_agent_netadapt_s_training(checkpoint, tmp_path, capsys):
+    pytest.importorskip("agents.netadapt")
+    out = tmp_path / "equal"
+    code, stdout, err = run(capsys, "sweep", "--model", str(checkpoint), "--agents", "uniform,netadapt",
+                            "--budgets", "80%flops", "--out", str(out), "--initial-reduction", "0.3",
+                            "--max-iterations", "2", "--short-term-steps", "3", "--workers", "1", *BASELINE_FAST)
+    assert code == 0, err
+    assert "[1/2] netadapt" in stdout and "[2/2] uniform" in stdout  # NetAdapt first
+    netadapt = json.loads((out / "netadapt-80pflops-s0" / "metrics.json").read_text())["training"]
+    uniform = json.loads((out / "uniform-80pflops-s0" / "metrics.json").read_text())["training"]
+    assert netadapt["search_steps"] > 0 and netadapt["search_steps"] % 3 == 0  # 3 steps per iteration
+    assert uniform["total_steps"] == uniform["extra_steps"] == netadapt["total_steps"]
+    code, stdout, err = run(capsys, "compare", str(out / "netadapt-80pflops-s0"), str(out / "uniform-80pflops-s0"),
+                            "--equal-training", "--out", str(tmp_path / "cmp"))
+    assert code == 0 and f"every run had {netadapt['total_steps']} SGD steps" in stdout, err
+
+
 def test_sweep_reports_every_bad_agent_and_budget_before_running(checkpoint, tmp_path, capsys):
     out = tmp_path / "bad"
     code, _, err = run(capsys, "sweep", "--model", str(checkpoint), "--agents", "uniform,genetic,annealing",
