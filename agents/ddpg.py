@@ -8,7 +8,10 @@ episode's final reward credited to every step, less a moving-average baseline of
 rewards sampled for updates.
 
 Here that is SB3's `DDPG` with:
-- `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action;
+- `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action, with
+  σ kept above a floor (0.1): with AMC's decay alone σ is below 0.004 a hundred episodes
+  after the warm-up, and at 50 % latency an actor that had settled on one policy then
+  repeated it for about a hundred episodes before it moved again;
 - `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends, stores
   every step with the final reward and the action that took effect (after the
   environment's rounding and action bound), and subtracts the moving baseline from the
@@ -51,6 +54,7 @@ class AMCConfig:
     critic_lr: float = 1e-3
     noise_sigma: float = 0.5  # initial exploration noise, in keep-ratio action units ([0, 1])
     noise_decay: float = 0.95  # per episode after warm-up
+    noise_floor: float = 0.1  # σ never decays below this (AMC's schedule has no floor: 0)
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
     buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
 
@@ -61,11 +65,12 @@ class TruncatedNormalNoise(ActionNoise):
     `sigma` is given on AMC's [0, 1] action scale and doubled for SB3's [-1, 1] scale.
     """
 
-    def __init__(self, sigma: float, decay: float, seed: int = 0):
+    def __init__(self, sigma: float, decay: float, seed: int = 0, floor: float = 0.0):
         super().__init__()
         self.initial_sigma = sigma
         self.sigma = sigma
         self.decay = decay
+        self.floor = floor
         self.rng = np.random.default_rng(seed)
 
     def sample_around(self, action: np.ndarray) -> np.ndarray:
@@ -89,8 +94,8 @@ class TruncatedNormalNoise(ActionNoise):
         return np.zeros(1)  # SB3's additive path is unused: AMCDDPG samples around the action
 
     def step(self) -> None:
-        """Decay σ after an episode."""
-        self.sigma *= self.decay
+        """Decay σ after an episode, down to the floor."""
+        self.sigma = max(self.sigma * self.decay, self.floor)
 
     def reset(self) -> None:
         """SB3 calls this at every episode end; σ follows its own schedule, so nothing resets."""
@@ -273,7 +278,7 @@ class EpisodeTracker(BaseCallback):
 def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, TruncatedNormalNoise]:
     """AMC's DDPG on a ChannelPruningEnv (one step per prunable group)."""
     steps = len(env.unwrapped.groups)
-    noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed)
+    noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed, floor=config.noise_floor)
     agent = AMCDDPG(
         AMCPolicy, env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
         buffer_size=max(1, min(config.buffer_episodes, config.episodes)) * steps, learning_starts=config.warmup_episodes * steps,
