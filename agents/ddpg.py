@@ -10,8 +10,8 @@ rewards sampled for updates.
 Here that is SB3's `DDPG` with:
 - `TruncatedNormalNoise`, an `ActionNoise` that samples around the actor's action, with
   σ kept above a floor (0.1): with AMC's decay alone σ is below 0.004 a hundred episodes
-  after the warm-up, and at 50 % latency an actor that had settled on one policy then
-  repeated it for about a hundred episodes before it moved again;
+  after the warm-up, and an actor that has settled at the edge of its range repeats one
+  policy for dozens of episodes;
 - `EpisodeRewardBuffer`, a `ReplayBuffer` that holds an episode until it ends, stores
   every step with the final reward and the action that took effect (after the
   environment's rounding and action bound), and subtracts the moving baseline from the
