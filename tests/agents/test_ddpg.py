@@ -48,7 +48,7 @@ def test_truncated_noise_stays_in_bounds():
 def test_final_reward_is_credited_to_every_step_and_the_baseline_is_subtracted_when_sampled(env):
     agent, _ = make_agent(env, SMALL)
     buffer = agent.replay_buffer
-    obs = np.zeros((1, 11), np.float32)
+    obs = np.zeros((1, env.observation_space.shape[0]), np.float32)
     for episode_reward in (2.0, 4.0):
         for step in range(3):
             done = step == 2
@@ -175,3 +175,14 @@ def test_a_resumed_search_counts_the_work_of_every_session(trained_tiny, synthet
     import json
 
     assert json.loads((run.state_dir / SEARCH_TIME).read_text())["seconds"] > 0
+
+
+def test_noise_decays_to_its_floor_and_no_further():
+    noise = TruncatedNormalNoise(0.5, 0.5, seed=0, floor=0.1)
+    for _ in range(10):
+        noise.step()
+    assert noise.sigma == 0.1
+    amc = TruncatedNormalNoise(0.5, 0.5, seed=0)  # AMC's schedule: no floor
+    for _ in range(10):
+        amc.step()
+    assert amc.sigma == pytest.approx(0.5 * 0.5 ** 10)
