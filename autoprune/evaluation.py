@@ -141,11 +141,16 @@ def resolve_score_steps(evaluator: PolicyEvaluator, uniform_policy: Mapping[str,
     plain score separates candidates), else AUTO_SCORE_STEPS. Returns the steps and the
     measurements behind the choice, for the run's record."""
     saved = evaluator.config.score_steps
+    counters = (evaluator.evaluations, evaluator.seconds, dict(evaluator.timings))
+    started = time.perf_counter()
     evaluator.config.score_steps = 0
     try:
         base = evaluator.accuracy({g.name: 1.0 for g in evaluator.description.groups})
         uniform = evaluator.accuracy(uniform_policy)
     finally:
         evaluator.config.score_steps = saved
+        # a set-up step, not the search's candidates: the counters report the search alone
+        evaluator.evaluations, evaluator.seconds, evaluator.timings = counters
     steps = 0 if uniform >= INFORMATIVE_SHARE * base else AUTO_SCORE_STEPS
-    return steps, {"unpruned_accuracy": base, "uniform_accuracy": uniform, "score_steps": steps}
+    return steps, {"unpruned_accuracy": base, "uniform_accuracy": uniform, "score_steps": steps,
+                   "seconds": round(time.perf_counter() - started, 2)}
