@@ -482,8 +482,8 @@ def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
 
         def search(run):
             return baselines.run_random(run, evaluator, budget, table, samples=args.samples,
-                                        lower_bound=args.lower_bound, fill=args.fill, action_mapping=args.action_mapping, seed=args.seed,
-                                        progress=progress), None
+                                        lower_bound=args.lower_bound, fill=args.fill,
+                                        action_mapping=args.action_mapping, seed=args.seed, progress=progress), None
     else:
         baselines.sensitivity_grid(args.lower_bound, args.sensitivity_step)
 
@@ -508,7 +508,10 @@ def _resolve_scoring(args, evaluator, budget, table) -> dict:
     if args.score_steps != "auto":
         evaluator.config.score_steps = int(args.score_steps)
         return {"score_steps": int(args.score_steps), "reason": "set by --score-steps"}
-    ratio = uniform_ratio_for_budget(budget, evaluator.description, table, args.channel_multiple)
+    try:
+        ratio = uniform_ratio_for_budget(budget, evaluator.description, table, args.channel_multiple)
+    except AutopruneError:  # a measured table need not fall monotonically to one channel: the floor meets it
+        ratio = args.lower_bound
     steps, info = resolve_score_steps(evaluator, uniform_policy(evaluator.description, ratio))
     evaluator.config.score_steps = steps
     log.info("scoring candidates after %d SGD steps (uniform policy at the budget: %.3f, unpruned %.3f)", steps,

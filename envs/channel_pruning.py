@@ -62,9 +62,11 @@ class ChannelPruningEnv(gym.Env):
     channel count: every action takes effect, and the agent's whole action range is spent
     where the budget leaves a choice. With `"absolute"` (AMC's, and v0's) it maps onto
     `[lower_bound, 1]` and is then clipped to the bounds; at a budget that removes most of
-    the network nearly all of that range lies outside them, every action there has the
-    same effect, and the actor drifts to the edge of the range (measured: it settled at
-    "keep everything", the bounds doing all the allocating).
+    the network nearly all of that range lies outside them and every action there has the
+    same effect. (Measured at 50 % latency: with `absolute` the actor settled at "keep
+    everything", the bounds doing all the allocating; with `feasible` it settled at the
+    other edge, every group at its lowest allowed count. Neither mapping keeps DDPG's
+    actor off the edges; BENCHMARKS.md.)
 
     ## Observation Space
     `Box(0, 1, (11,), float32)`, AMC's layer embedding, each feature scaled to [0, 1]:
