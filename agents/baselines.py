@@ -96,51 +96,46 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
     """
     from autoprune.pruning import global_magnitude_prune
 
-    description = evaluator.description
+    description, multiple = evaluator.description, evaluator.config.channel_multiple
     base_model = evaluator.pruner.model
     started = time.perf_counter()
-    limit_ratio = budget.ratio(_base_value(evaluator, budget, lut))
     history: list[dict] = []
 
     def attempt(ratio: float):
         model, kept = global_magnitude_prune(base_model, description, ratio, max_pruning_ratio=1.0 - lower_bound)
-        value = _budget_ratio(evaluator, budget, {g.name: kept[g.name] / g.channels for g in description.groups}, lut)
+        check = check_budget(budget, description, {g.name: kept[g.name] / g.channels for g in description.groups},
+                             lut, multiple)
         history.append({"candidate": len(history) + 1, "global_ratio": ratio, **_cost_ratios(evaluator, kept, lut),
-                        "cost_ratio": value, "seconds": round(time.perf_counter() - started, 3)})
-        return model, kept, value
+                        "cost_ratio": check.ratio, "seconds": round(time.perf_counter() - started, 3)})
+        return model, kept, check
 
     low, high = 0.0, 1.0 - lower_bound  # pruning `high` of every group meets any reachable budget
     best = attempt(high)
-    if best[2] > limit_ratio * (1 + 1e-9):
+    if not best[2].ok:
         raise AutopruneError(f"Torch-Pruning's global pruning cannot meet {budget} with every group at the lower "
-                             f"bound {lower_bound:g} or above (it reaches {best[2]:.1%})")
+                             f"bound {lower_bound:g} or above (it reaches {best[2].ratio:.1%})")
     bar = tqdm(total=math.ceil(math.log2(max(high, tolerance) / tolerance)), desc="tp_global bisection",
                unit="step", disable=not progress)
     while high - low > tolerance:
         mid = (low + high) / 2
         found = attempt(mid)
-        if found[2] <= limit_ratio * (1 + 1e-9):
+        if found[2].ok:
             high, best = mid, found
         else:
             low = mid
         bar.update(1)
     bar.close()
-    model, kept, cost_ratio = best
+    model, kept, check = best
     policy = {g.name: kept[g.name] / g.channels for g in description.groups}
     recalibrate_bn(model, evaluator.data, num_batches=evaluator.config.bn_batches,
                    batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
     accuracy = evaluate(model, evaluator.data, "val", limit=evaluator.config.val_images)["accuracy"]
     run.write_history(history)
-    run.write_best_policy(policy, global_ratio=high, accuracy=accuracy, cost_ratio=cost_ratio, channels=kept)
+    run.write_best_policy(policy, global_ratio=high, accuracy=accuracy, cost_ratio=check.ratio, channels=kept)
     log.info("Torch-Pruning global ratio %.4f: accuracy %.4f at %.4f of the budget's resource", high, accuracy,
-             cost_ratio)
-    return {"policy": policy, "channels": kept, "accuracy": accuracy, "cost_ratio": cost_ratio,
+             check.ratio)
+    return {"policy": policy, "channels": kept, "accuracy": accuracy, "cost_ratio": check.ratio,
             "global_ratio": high, "model": model}
-
-
-def _base_value(evaluator: PolicyEvaluator, budget: Budget, lut=None) -> float:
-    full = {g.name: 1.0 for g in evaluator.description.groups}
-    return check_budget(budget, evaluator.description, full, lut).base
 
 
 # ---------------------------------------------------------------- random

@@ -20,7 +20,7 @@ from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import save_pruned_model
 from autoprune.io import atomic_write_text, model_from_bytes, model_to_bytes
 from autoprune.runs import Run
-from autoprune.train import TrainConfig, evaluate, recalibrate_bn, recalibration_note, train
+from autoprune.train import TrainConfig, epoch_steps, evaluate, recalibrate_bn, recalibration_note, train
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +253,7 @@ EXTRA_BATCH_SIZE = 64  # equal training's extra steps: the batch size of NetAdap
 
 def finetune_steps(config: TrainConfig, train_images: int) -> int:
     """SGD steps `train` takes with `config` on a training split of `train_images` images."""
-    per_epoch = math.ceil(train_images / config.batch_size)
-    if config.max_steps_per_epoch:
-        per_epoch = min(per_epoch, config.max_steps_per_epoch)
-    return config.epochs * per_epoch
+    return config.epochs * epoch_steps(config, train_images)
 
 
 def _report(run: Run, m: dict) -> str:

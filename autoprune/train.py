@@ -168,6 +168,12 @@ def _make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
+def epoch_steps(config: TrainConfig, train_images: int) -> int:
+    """SGD steps `train` takes per epoch with `config` on `train_images` training images."""
+    steps = math.ceil(train_images / config.batch_size)
+    return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
+
+
 def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path: str | os.PathLike | None = None,
           progress: bool = True, eval_split: str = "val") -> list[dict]:
     """Train `model` in place; returns one record per epoch (loss, accuracy, seconds).
@@ -178,9 +184,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
     """
     check_model_fits(model, data)
     generator = seed_everything(config.seed)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    steps_per_epoch = epoch_steps(config, len(data.train))
     optimizer, scheduler = _make_optimizer(model, config, steps_per_epoch * config.epochs)
     history: list[dict] = []
     start_epoch = 0

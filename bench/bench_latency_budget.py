@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import load_lut, describe_device, this_device
+from autoprune.latency import describe_device, load_lut, this_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -65,8 +66,6 @@ def search(args, passthrough: list[str], agent: str, seed: int, equal_steps: int
                    "--out", str(path), "--quiet", *passthrough]
     # one process per run: its threads are pinned, and a crash in one run leaves the others alone
     env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    import os
-
     code = subprocess.call([sys.executable, "-m", "autoprune.cli", *command], env={**os.environ, **env_threads})
     if code != 0:
         print(f"{agent} seed {seed}: exit {code}", file=sys.stderr)
