@@ -17,10 +17,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
+from autoprune.agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
 from autoprune.io import BackgroundWriter, atomic_torch_save
 from autoprune.runs import BEST_POLICY, Run
+from autoprune.pipeline.protocol import BaseSearcher, SearcherResult
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +159,38 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
             agent.learn(total_timesteps=remaining * groups, callback=tracker, reset_num_timesteps=False)
     bar.close()
     return tracker.best
+
+
+class DDPGSearcher(BaseSearcher):
+    """AMC: DDPG on the channel-pruning environment (`run_amc`)."""
+
+    name = "ddpg"
+    settings_read = ("episodes", "warmup_episodes", "reward", "fill", "action_mapping")
+    ranks_candidates = True
+
+    def check(self, settings) -> None:
+        from autoprune.envs.channel_pruning import REWARDS
+
+        if settings.reward not in REWARDS:
+            raise AutopruneError(f"unknown reward {settings.reward!r}; choose one of {', '.join(REWARDS)}")
+
+    def prepare(self, context) -> dict | None:
+        from autoprune.envs.channel_pruning import ChannelPruningEnv
+
+        super().prepare(context)
+        s = context.settings
+        self.env = ChannelPruningEnv(context.evaluator, context.constraint.budget, lut=context.lut,
+                                     lower_bound=s.lower_bound, reward=s.reward, fill=s.fill,
+                                     action_mapping=s.action_mapping)
+        self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes)
+        return None
+
+    def run(self, run: Run) -> SearcherResult:
+        restored: dict = {}
+        c = self.context
+        evaluator, env = c.evaluator, self.env
+        started, env_started = time.perf_counter(), env.seconds
+        best = run_amc(run, env, self.config, seed=c.settings.seed, progress=c.progress, restored=restored)
+        elapsed = time.perf_counter() - started
+        agent = restored.get("agent_seconds", 0.0) + max(0.0, elapsed - (env.seconds - env_started))
+        return self.result(best, {**evaluator.timings, "agent": agent})

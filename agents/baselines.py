@@ -28,12 +28,13 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from autoprune.budgets import DEFAULT_FILL, Budget, check_budget, uniform_ratio_for_budget
+from autoprune.budgets import DEFAULT_FILL, Budget, Constraint, check_budget, uniform_ratio_for_budget
 from autoprune.costs import count_cost, policy_channels, uniform_policy
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_write_json
 from autoprune.runs import Run
+from autoprune.pipeline.protocol import BaseSearcher, SearcherResult
 from autoprune.train import evaluate, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _cost_ratios(evaluator: PolicyEvaluator, kept: Mapping[str, int], lut=None) 
 
 def _budget_ratio(evaluator: PolicyEvaluator, budget: Budget, policy: Mapping[str, float], lut=None) -> float:
     """The policy's value of the budget's resource over the unpruned network's."""
-    return check_budget(budget, evaluator.description, policy, lut, evaluator.config.channel_multiple).ratio
+    return Constraint(budget, evaluator.description, lut, evaluator.config.channel_multiple).check(policy).ratio
 
 
 # ---------------------------------------------------------------- uniform
@@ -152,7 +153,7 @@ def run_random(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *
     best) are written atomically; a killed search continues with the next sample and
     draws what it would have drawn.
     """
-    from envs.channel_pruning import ChannelPruningEnv
+    from autoprune.envs.channel_pruning import ChannelPruningEnv
 
     if samples < 1:
         raise AutopruneError(f"the random search needs at least one sample, got {samples}")
@@ -242,7 +243,7 @@ def choose_threshold(curves: Mapping[str, Mapping[float, float]], base_accuracy:
             return threshold, policy
     lowest = min((min(curve) for curve in curves.values() if curve), default=1.0)
     raise AutopruneError(f"the budget is unreachable on the sensitivity grid: even with every group at keep ratio "
-                         f"{lowest:g} it is exceeded; lower --lower-bound or loosen the budget")
+                         f"{lowest:g} it is exceeded; lower the lower bound or loosen the budget")
 
 
 def run_sensitivity(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None, *, lower_bound: float = 0.2,
@@ -307,3 +308,67 @@ def run_sensitivity(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=No
     return {"policy": policy, "channels": policy_channels(description, policy, multiple), "accuracy": accuracy,
             "cost_ratio": cost_ratio, "threshold": threshold, "base_accuracy": base_accuracy,
             "curve_points": len(points)}
+
+
+# ---------------------------------------------------------------- the searchers (autoprune.pipeline.protocol)
+
+class UniformSearcher(BaseSearcher):
+    """One keep ratio for every group (`run_uniform`)."""
+
+    name = "uniform"
+
+    def run(self, run: Run) -> SearcherResult:
+        c = self.context
+        return self.result(*self.timed(lambda r: run_uniform(r, c.evaluator, c.constraint.budget, c.lut,
+                                                             seed=c.settings.seed, progress=c.progress), run))
+
+
+class TPGlobalSearcher(BaseSearcher):
+    """Torch-Pruning's global magnitude pruning bisected to the budget (`run_tp_global`)."""
+
+    name = "tp_global"
+
+    def run(self, run: Run) -> SearcherResult:
+        c = self.context
+        return self.result(*self.timed(lambda r: run_tp_global(
+            r, c.evaluator, c.constraint.budget, c.lut, lower_bound=c.settings.lower_bound, seed=c.settings.seed,
+            progress=c.progress), run))
+
+
+class RandomSearcher(BaseSearcher):
+    """Random policies through AMC's environment (`run_random`)."""
+
+    name = "random"
+    settings_read = ("samples", "fill", "action_mapping")
+    ranks_candidates = True
+
+    def prepare(self, context) -> dict | None:
+        from autoprune.envs.channel_pruning import ChannelPruningEnv
+
+        s = context.settings  # the environment refuses bad bounds now, before the run directory exists
+        ChannelPruningEnv(context.evaluator, context.constraint.budget, lut=context.lut, lower_bound=s.lower_bound,
+                          fill=s.fill, action_mapping=s.action_mapping)
+        return super().prepare(context)
+
+    def run(self, run: Run) -> SearcherResult:
+        c, s = self.context, self.context.settings
+        return self.result(*self.timed(lambda r: run_random(
+            r, c.evaluator, c.constraint.budget, c.lut, samples=s.samples, lower_bound=s.lower_bound, fill=s.fill,
+            action_mapping=s.action_mapping, seed=s.seed, progress=c.progress), run))
+
+
+class SensitivitySearcher(BaseSearcher):
+    """Per-group sensitivity curves and one accuracy-drop threshold (`run_sensitivity`)."""
+
+    name = "sensitivity"
+    settings_read = ("sensitivity_step",)
+    ranks_candidates = True
+
+    def check(self, settings) -> None:
+        sensitivity_grid(settings.lower_bound, settings.sensitivity_step)
+
+    def run(self, run: Run) -> SearcherResult:
+        c, s = self.context, self.context.settings
+        return self.result(*self.timed(lambda r: run_sensitivity(
+            r, c.evaluator, c.constraint.budget, c.lut, lower_bound=s.lower_bound, step=s.sensitivity_step,
+            seed=s.seed, progress=c.progress), run))

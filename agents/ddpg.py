@@ -34,6 +34,7 @@ import torch
 from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
@@ -42,10 +43,11 @@ from stable_baselines3.td3.policies import TD3Policy
 
 @dataclass
 class AMCConfig:
-    """DDPG settings, AMC's values by default."""
+    """DDPG settings, AMC's values by default. The episode counts have no default here: a
+    search takes them from its settings (`SearchSettings.episodes`, AMC's 400 and 100)."""
 
-    episodes: int = 400  # episodes in all, warm-up included
-    warmup_episodes: int = 100  # episodes of uniformly random actions before learning
+    episodes: int  # episodes in all, warm-up included
+    warmup_episodes: int  # episodes of uniformly random actions before learning
     hidden: tuple[int, int] = (300, 300)  # actor and critic hidden layers
     gamma: float = 1.0  # discount
     tau: float = 0.01  # soft target update
@@ -289,6 +291,8 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
         policy_kwargs={"net_arch": {"pi": list(config.hidden), "qf": list(config.hidden)},
                        "optimizer_kwargs": {"fused": True}},
         seed=seed, device="cpu", verbose=0)
+    # a logger of our own writes nowhere: SB3's default makes an empty directory in /tmp per learn()
+    agent.set_logger(Logger(folder=None, output_formats=[]))
     return agent, noise
 
 

@@ -40,14 +40,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from autoprune.budgets import Budget, check_reachable, resource_value
+from autoprune.budgets import TOLERANCE, Budget, Constraint
 from autoprune.costs import GroupSpec, count_cost, group_choices
 from autoprune.data import DataBundle
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_torch_save, atomic_write_json, model_from_bytes, model_to_bytes
 from autoprune.pruning import cut_group, describe_network
-from autoprune.report import LatencyWorker
+from autoprune.latency import LatencyWorker
+from autoprune.pipeline.protocol import BaseSearcher, SearcherResult
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, recalibrate_bn, train
 
@@ -58,7 +59,6 @@ MODEL_FILE = "netadapt_model.pt"
 HISTORY_COLUMNS = ("iteration", "target", "target_ratio", "group", "channels_before", "channels_after",
                    "accuracy", "flops_ratio", "params_ratio", "latency_ratio", "cost_ratio", "measured_ratio",
                    "proposals", "seconds")
-_TOLERANCE = 1e-9  # relative slack when comparing a value with a target or limit (as BudgetCheck.ok)
 
 
 @dataclass
@@ -207,7 +207,7 @@ def iteration_seed(seed: int, iteration: int) -> int:
 
 
 def _fits(value: float, bound: float) -> bool:
-    return value <= bound + _TOLERANCE * abs(bound)
+    return value <= bound + TOLERANCE * abs(bound)
 
 
 def _check_config(config: NetAdaptConfig) -> None:
@@ -232,8 +232,7 @@ class _Search:
         self.description = evaluator.description
         self.budget, self.lut, self.config = budget, lut, config
         self.multiple = evaluator.config.channel_multiple
-        if lut is not None:
-            lut.check_model(self.description)
+        self.constraint = Constraint(budget, self.description, lut, self.multiple)
         self.groups = self.description.group_names
         self.base_channels = {g.name: g.channels for g in self.description.groups}
         # the counts each group may keep, from its floor up (its structure and the channel multiple)
@@ -241,25 +240,19 @@ class _Search:
                                  if c >= minimum_channels(g.channels, config.lower_bound, 1)]
                         or [g.channels] for g in self.description.groups}
         self.floors = {name: choices[0] for name, choices in self.choices.items()}
-        self.base_value = self.value(self.base_channels)
-        self.limit = budget.limit(self.base_value)
-        self.base_cost = count_cost(self.description)
-        self.base_latency = lut.predict_ms(self.description) if lut is not None else None
+        self.base_value, self.limit = self.constraint.base_value, self.constraint.limit
 
     def value(self, kept: Mapping[str, int]) -> float:
         """The budget's metric (FLOPs, params or ms) of the base network keeping `kept` channels."""
-        return resource_value(self.budget.metric, self.description, kept, self.lut)
+        return self.constraint.value(kept)
 
     def policy(self, kept: Mapping[str, int]) -> dict[str, float]:
         """Keep ratios relative to the base model."""
         return {name: kept[name] / self.base_channels[name] for name in self.groups}
 
     def ratios(self, kept: Mapping[str, int]) -> dict[str, float | str]:
-        cost = count_cost(self.description, kept)
-        latency = (self.lut.predict_ms(self.description, kept) / self.base_latency
-                   if self.lut is not None else "")
-        return {"flops_ratio": cost.flops / self.base_cost.flops, "params_ratio": cost.params / self.base_cost.params,
-                "latency_ratio": latency}
+        ratios = self.constraint.ratios(kept)
+        return {**ratios, "latency_ratio": "" if ratios["latency_ratio"] is None else ratios["latency_ratio"]}
 
     def largest_count(self, kept: Mapping[str, int], group: str, target: float) -> tuple[int, float] | None:
         """The most channels `group` can keep (below its current count) so that the network meets
@@ -455,7 +448,7 @@ def run_netadapt(run: Run, evaluator: PolicyEvaluator, budget: Budget, *, lut=No
     config = config or NetAdaptConfig()
     _check_config(config)
     search = _Search(evaluator, budget, lut, config)
-    check_reachable(budget, search.description, search.floors, lut, config.lower_bound)
+    search.constraint.check_reachable(search.floors, config.lower_bound)
 
     fingerprint = search.fingerprint(evaluator, seed)
     own_meter = None
@@ -583,3 +576,48 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
             "training_batch_size": config.short_term_batch_size,
             "measured_base_ms": measured_base, "measured_ms": measured,
             "proposal_seconds": {phase: round(spent, 3) for phase, spent in seconds.items()}}
+
+
+# ---------------------------------------------------------------- the searcher (autoprune.pipeline.protocol)
+
+class NetAdaptSearcher(BaseSearcher):
+    """NetAdapt (`run_netadapt`): its network carries its short-term fine-tunes into the finish."""
+
+    name = "netadapt"
+    settings_read = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
+                     "measure_latency")
+    default_criterion = "l2"  # the paper keeps the filters of largest L2 norm
+
+    def floor_channels(self, description, settings) -> dict[str, int]:
+        return {g.name: minimum_channels(g.channels, settings.lower_bound, settings.channel_multiple)
+                for g in description.groups}
+
+    def prepare(self, context) -> dict:
+        """NetAdapt's settings: its defaults overridden by the settings given; on resume the saved
+        ones, of which the settings may raise those a resumed search may change."""
+        from dataclasses import asdict
+
+        from autoprune.pipeline.settings import RESUMABLE
+
+        super().prepare(context)
+        s = context.settings
+        if context.saved_config:
+            resumable = {key: getattr(s, key) for key in RESUMABLE if getattr(s, key) is not None}
+            self.config = NetAdaptConfig(**{**context.saved_config, **resumable})
+        else:
+            given = {key: getattr(s, key) for key in self.settings_read if getattr(s, key) is not None}
+            self.config = NetAdaptConfig(**given, criterion=s.criterion or self.default_criterion,
+                                         lower_bound=s.lower_bound)
+        return asdict(self.config)
+
+    def run(self, run: Run) -> SearcherResult:
+        import time
+
+        c = self.context
+        started = time.perf_counter()
+        found = run_netadapt(run, c.evaluator, c.constraint.budget, lut=c.lut, config=self.config,
+                             seed=c.settings.seed, progress=c.progress)
+        phases = dict(found.get("proposal_seconds") or {})
+        seconds = {**phases, "agent": max(0.0, time.perf_counter() - started - sum(phases.values()))}
+        # NetAdapt scores its proposals itself, besides what its evaluator scores
+        return self.result(found, seconds, evaluations=c.evaluator.evaluations + int(found.get("proposals") or 0))

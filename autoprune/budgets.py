@@ -85,6 +85,9 @@ def parse_budget(text: str) -> Budget:
     raise AutopruneError(f"cannot read budget {text!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
+TOLERANCE = 1e-9  # relative slack when a value is compared with a limit: a plan at the limit fits
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     """A policy's value of the budget's metric against the limit (units: FLOPs, params or ms)."""
@@ -95,7 +98,7 @@ class BudgetCheck:
 
     @property
     def ok(self) -> bool:
-        return self.value <= self.limit * (1 + 1e-9)
+        return self.value <= self.limit * (1 + TOLERANCE)
 
     @property
     def ratio(self) -> float:
@@ -108,55 +111,106 @@ def resource_value(metric: str, description, kept, lut=None) -> float:
 
     if metric == "latency":
         if lut is None:
-            raise AutopruneError("a latency budget needs a latency table: pass --lut FILE "
-                                 "(build one with `autoprune lut build` on the target device)")
+            raise AutopruneError("a latency budget needs a latency table (build one with `autoprune lut build` "
+                                 "on the target device)")
         return lut.predict_ms(description, kept)
     cost = count_cost(description, kept)
     return float(cost.flops if metric == "flops" else cost.params)
 
 
+class Constraint:
+    """A budget bound to one network description: the unpruned value, the limit, and the
+    value, fit and cost ratios of any channel plan ({group: channels kept}; groups left
+    out are kept whole). Every searcher, the environment and the reports measure a plan
+    against the budget through one of these, with one tolerance (`TOLERANCE`).
+    """
+
+    def __init__(self, budget: Budget, description, lut=None, multiple: int = 1):
+        if budget.metric == "latency" and lut is None:
+            raise AutopruneError("a latency budget needs a latency table (build one with `autoprune lut build` "
+                                 "on the target device)")
+        if lut is not None:
+            lut.check_model(description)
+        self.budget, self.description, self.lut, self.multiple = budget, description, lut, multiple
+        self.full = {g.name: g.channels for g in description.groups}
+        self.base_value = self.value(self.full)
+        self.limit = budget.limit(self.base_value)
+
+    def value(self, kept: Mapping[str, int]) -> float:
+        """The plan's value of the budget's resource (FLOPs, parameters or ms)."""
+        return resource_value(self.budget.metric, self.description, {**self.full, **kept}, self.lut)
+
+    def fits(self, kept: Mapping[str, int]) -> bool:
+        return self.value(kept) <= self.limit * (1 + TOLERANCE)
+
+    def ratio(self, kept: Mapping[str, int]) -> float:
+        """The plan's value over the unpruned network's."""
+        return self.value(kept) / self.base_value
+
+    def channels(self, policy: Mapping[str, float]) -> dict[str, int]:
+        """The channel plan of a policy ({group: keep ratio})."""
+        from autoprune.costs import policy_channels
+
+        return policy_channels(self.description, policy, self.multiple)
+
+    def check(self, policy: Mapping[str, float]) -> BudgetCheck:
+        return BudgetCheck(value=self.value(self.channels(policy)), limit=self.limit, base=self.base_value)
+
+    def ratios(self, kept: Mapping[str, int]) -> dict[str, float | None]:
+        """FLOPs, parameter and (with a LUT) latency of the plan over the unpruned network's."""
+        from autoprune.costs import count_cost
+
+        kept = {**self.full, **kept}
+        base, cost = count_cost(self.description), count_cost(self.description, kept)
+        latency = None
+        if self.lut is not None:
+            latency = self.lut.predict_ms(self.description, kept) / self.lut.predict_ms(self.description)
+        return {"flops_ratio": cost.flops / base.flops, "params_ratio": cost.params / base.params,
+                "latency_ratio": latency}
+
+    def check_reachable(self, floor: Mapping[str, int], lower_bound: float | None = None) -> None:
+        """Refuse a budget that no plan keeping at least `floor` channels per group meets."""
+        value = self.value(floor)
+        if value > self.limit * (1 + TOLERANCE):
+            where = "its smallest size" if lower_bound is None else f"the lower bound {lower_bound:g}"
+            raise AutopruneError(
+                f"budget {self.budget} is unreachable: even with every group at {where} the model keeps "
+                f"{100 * value / self.base_value:.1f} % of its {self.budget.metric}; lower the lower bound or "
+                "loosen the budget")
+
+    def uniform_ratio(self, tolerance: float = 1e-4) -> float:
+        """The largest keep ratio that, applied to every group, meets the budget (bisection)."""
+        from autoprune.costs import uniform_policy
+
+        def fits(ratio: float) -> bool:
+            return self.check(uniform_policy(self.description, ratio)).ok
+
+        if fits(1.0):
+            return 1.0
+        low, high = 1e-6, 1.0
+        if not fits(low):
+            raise AutopruneError(f"budget {self.budget} is unreachable even keeping one channel per group")
+        while high - low > tolerance:
+            mid = (low + high) / 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid
+        return low
+
+
 def check_reachable(budget: Budget, description, floor: Mapping[str, int], lut=None,
                     lower_bound: float | None = None) -> None:
     """Refuse a budget that no policy keeping at least `floor` channels per group can meet."""
-    full = {g.name: g.channels for g in description.groups}
-    base = resource_value(budget.metric, description, full, lut)
-    value = resource_value(budget.metric, description, floor, lut)
-    if value > budget.limit(base) * (1 + 1e-9):
-        where = "its smallest size" if lower_bound is None else f"the lower bound {lower_bound:g}"
-        raise AutopruneError(
-            f"budget {budget} is unreachable: even with every group at {where} the model keeps "
-            f"{100 * value / base:.1f} % of its {budget.metric}; lower --lower-bound or loosen the budget")
+    Constraint(budget, description, lut).check_reachable(floor, lower_bound)
 
 
 def check_budget(budget: Budget, description, policy, lut=None, multiple: int = 1) -> BudgetCheck:
     """Evaluate `policy` against `budget` through the cost model or the LUT."""
-    from autoprune.costs import policy_channels
-
-    if lut is not None:
-        lut.check_model(description)
-    full = {g.name: g.channels for g in description.groups}
-    base = resource_value(budget.metric, description, full, lut)
-    value = resource_value(budget.metric, description, policy_channels(description, policy, multiple), lut)
-    return BudgetCheck(value=value, limit=budget.limit(base), base=base)
+    return Constraint(budget, description, lut, multiple).check(policy)
 
 
 def uniform_ratio_for_budget(budget: Budget, description, lut=None, multiple: int = 1,
                              tolerance: float = 1e-4) -> float:
     """The largest keep ratio that, applied to every group, meets `budget` (bisection)."""
-    from autoprune.costs import uniform_policy
-
-    def fits(ratio: float) -> bool:
-        return check_budget(budget, description, uniform_policy(description, ratio), lut, multiple).ok
-
-    if fits(1.0):
-        return 1.0
-    low, high = 1e-6, 1.0
-    if not fits(low):
-        raise AutopruneError(f"budget {budget} is unreachable even keeping one channel per group")
-    while high - low > tolerance:
-        mid = (low + high) / 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low
+    return Constraint(budget, description, lut, multiple).uniform_ratio(tolerance)

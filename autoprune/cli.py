@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autoprune.budgets import DEFAULT_FILL
 from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -70,18 +68,14 @@ def _load_model_for(args, data=None):
 
 
 def _model_and_data(args):
-    """Load the data first when the model is a zoo name (its shape depends on the data)."""
-    from autoprune.models import ZOO
-    from autoprune.train import check_model_fits
+    """The model and data the options name, loaded as a search loads them."""
+    from autoprune.pipeline.stages import load_inputs
+    from autoprune.pipeline.settings import SearchSettings
 
-    if args.model in ZOO:
-        data = _load_data(args)
-        model, meta = _load_model_for(args, data)
-    else:
-        model, meta = _load_model_for(args)
-        data = _load_data(args, meta)
-    check_model_fits(model, data)
-    return model, meta, data
+    inputs = load_inputs(SearchSettings(model=args.model, weights=args.weights, data=args.data,
+                                        data_dir=args.data_dir, val_size=args.val_size),
+                         download=not args.no_download)
+    return inputs.model, inputs.meta, inputs.data
 
 
 # ---------------------------------------------------------------- commands
@@ -342,327 +336,40 @@ def cmd_lut_validate(args) -> int:
     return 0
 
 
-AGENTS = ("ddpg", "netadapt", "uniform", "random", "sensitivity", "tp_global")
-SEARCH_KEYS = ("budget", "model", "weights", "data", "data_dir", "val_size", "agent", "episodes", "warmup_episodes",
-               "reward", "criterion", "lut", "lower_bound", "fill", "channel_multiple", "val_images", "bn_batches",
-               "finetune_epochs", "finetune_lr", "seed", "samples", "sensitivity_step", "workers",
-               "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations", "measure_latency",
-               "score_steps", "equal_steps", "allow_other_device", "action_mapping")
-NETADAPT_FLAGS = ("workers", "short_term_steps", "initial_reduction", "reduction_decay", "max_iterations",
-                  "measure_latency")
-AGENT_KEYS = {"ddpg": ("episodes", "warmup_episodes", "reward", "fill", "action_mapping"),
-              "random": ("samples", "fill", "action_mapping"),
-              "sensitivity": ("sensitivity_step",), "netadapt": NETADAPT_FLAGS}  # settings only some agents read
+def _settings_from(args, **changes):
+    """The search settings the command line gave (flags derived from SearchSettings)."""
+    from autoprune.pipeline.settings import SearchSettings, settings_fields
+
+    values = {f.name: getattr(args, f.name) for f in settings_fields() if hasattr(args, f.name)}
+    return SearchSettings.from_dict({**values, **changes})
 
 
-def _default_criterion(agent: str) -> str:
-    """L2 for NetAdapt (the paper's), L1 (Li et al.) for every other agent."""
-    return "l2" if agent == "netadapt" else "l1"
+def _given_settings(args) -> dict:
+    """Settings whose flags differ from their defaults (what a resumed search compares)."""
+    from autoprune.pipeline.settings import settings_fields
 
-
-def _import_netadapt():
-    """agents.netadapt, or a clear error if this installation lacks it."""
-    try:
-        from agents import netadapt
-    except ImportError as exc:
-        raise AutopruneError(f"agent netadapt is not available in this installation ({exc}); "
-                             f"choose one of {', '.join(a for a in AGENTS if a != 'netadapt')}") from None
-    return netadapt
-
-
-def _check_search_args(args) -> Budget:
-    """Every check that needs no model or data; returns the parsed budget."""
-    from autoprune.budgets import parse_budget
-
-    if args.agent not in AGENTS:
-        raise AutopruneError(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
-    if args.budget is None:
-        raise AutopruneError("--budget is required, e.g. --budget 50%flops (or --resume RUN_DIR)")
-    budget = parse_budget(args.budget)
-    if budget.metric == "latency" and not args.lut:
-        raise AutopruneError("a latency budget needs a latency table: pass --lut FILE "
-                             "(build one with `autoprune lut build` on the target device)")
-    if not 0.0 < args.lower_bound <= 1.0:
-        raise AutopruneError(f"--lower-bound {args.lower_bound} must be in (0, 1]")
-    if not 0.0 <= args.fill <= 1.0:
-        raise AutopruneError(f"--fill {args.fill} must be in [0, 1]")
-    if args.finetune_epochs < 0:
-        raise AutopruneError("--finetune-epochs must be 0 or more")
-    if args.agent == "ddpg" and (args.episodes < 1 or args.warmup_episodes < 0
-                                 or args.warmup_episodes > args.episodes):
-        raise AutopruneError("--episodes must be at least 1 and --warmup-episodes between 0 and --episodes")
-    if args.agent == "random" and args.samples < 1:
-        raise AutopruneError("--samples must be at least 1")
-    if args.agent == "sensitivity" and not 0.0 < args.sensitivity_step < 1.0:
-        raise AutopruneError("--sensitivity-step must be in (0, 1), e.g. 0.1")
-    return budget
-
-
-def _floor_channels(agent: str, description, lower_bound: float, multiple: int) -> dict[str, int]:
-    """The fewest channels each group may keep under the agent's lower bound."""
-    from autoprune.costs import policy_channels, uniform_policy
-
-    if agent == "netadapt":
-        from agents.netadapt import minimum_channels  # NetAdapt rounds its floors up
-
-        return {g.name: minimum_channels(g.channels, lower_bound, multiple) for g in description.groups}
-    return policy_channels(description, uniform_policy(description, lower_bound), multiple)
-
-
-NETADAPT_RESUME_OVERRIDES = ("workers", "max_iterations")  # what a resumed NetAdapt search may change
-
-
-def _netadapt_config(args, saved: dict | None):
-    """NetAdapt's settings: the saved ones on resume (workers and max_iterations may be raised
-    on the command line), else its defaults overridden by the flags given."""
-    netadapt = _import_netadapt()
-    if saved:
-        overrides = {key: value for key, value in getattr(args, "resume_overrides", {}).items()
-                     if key in NETADAPT_RESUME_OVERRIDES}
-        return netadapt.NetAdaptConfig(**{**saved, **overrides})
-    given = {key: getattr(args, key) for key in NETADAPT_FLAGS if getattr(args, key) is not None}
-    return netadapt.NetAdaptConfig(**given, criterion=args.criterion, lower_bound=args.lower_bound)
-
-
-def _make_searcher(args, evaluator, budget, table, agent_config: dict | None):
-    """A function run -> (result, search breakdown) for the chosen agent, with everything
-    that can refuse the settings (the environment, NetAdapt's config) built now, before
-    any run directory exists."""
-    progress = not args.quiet
-    if args.agent in ("ddpg", "random"):
-        import envs  # noqa: F401 - registers the environment
-
-    if args.agent == "ddpg":
-        from agents.amc import run_amc
-        from agents.ddpg import AMCConfig
-        from envs.channel_pruning import ChannelPruningEnv
-
-        env = ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound, reward=args.reward,
-                                fill=args.fill, action_mapping=args.action_mapping)
-        config = AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes)
-
-        def search_ddpg(run):
-            started, env_started, restored = time.perf_counter(), env.seconds, {}
-            best = run_amc(run, env, config, seed=args.seed, progress=progress, restored=restored)
-            elapsed = time.perf_counter() - started
-            agent = restored.get("agent_seconds", 0.0) + max(0.0, elapsed - (env.seconds - env_started))
-            return best, {**evaluator.timings, "agent": agent}
-
-        return search_ddpg, None
-    if args.agent == "netadapt":
-        from dataclasses import asdict
-
-        netadapt = _import_netadapt()
-        config = _netadapt_config(args, agent_config)
-
-        def search_netadapt(run):
-            started = time.perf_counter()
-            result = netadapt.run_netadapt(run, evaluator, budget, lut=table, config=config, seed=args.seed,
-                                           progress=progress)
-            phases = dict(result.get("proposal_seconds") or {})
-            elapsed = time.perf_counter() - started
-            return result, {**phases, "agent": max(0.0, elapsed - sum(phases.values()))}
-
-        return search_netadapt, asdict(config)
-
-    from agents import baselines
-
-    if args.agent == "uniform":
-        def search(run):
-            return baselines.run_uniform(run, evaluator, budget, table, seed=args.seed, progress=progress), None
-    elif args.agent == "tp_global":
-        def search(run):
-            return baselines.run_tp_global(run, evaluator, budget, table, lower_bound=args.lower_bound,
-                                           seed=args.seed, progress=progress), None
-    elif args.agent == "random":
-        from envs.channel_pruning import ChannelPruningEnv
-
-        ChannelPruningEnv(evaluator, budget, lut=table, lower_bound=args.lower_bound,
-                          fill=args.fill, action_mapping=args.action_mapping)  # refuses bad settings now
-
-        def search(run):
-            return baselines.run_random(run, evaluator, budget, table, samples=args.samples,
-                                        lower_bound=args.lower_bound, fill=args.fill,
-                                        action_mapping=args.action_mapping, seed=args.seed, progress=progress), None
-    else:
-        baselines.sensitivity_grid(args.lower_bound, args.sensitivity_step)
-
-        def search(run):
-            return baselines.run_sensitivity(run, evaluator, budget, table, lower_bound=args.lower_bound,
-                                             step=args.sensitivity_step, seed=args.seed, progress=progress), None
-    return search, None
-
-
-SCORING_AGENTS = ("ddpg", "random", "sensitivity")  # agents that rank many candidates by the evaluator's score
-
-
-def _resolve_scoring(args, evaluator, budget, table) -> dict:
-    """Set the evaluator's short fine-tune before scoring (`--score-steps`, `auto` decided on
-    the uniform policy at the budget); returns what was decided and why, for config.json."""
-    from autoprune.budgets import uniform_ratio_for_budget
-    from autoprune.costs import uniform_policy
-    from autoprune.evaluation import resolve_score_steps
-
-    if args.agent not in SCORING_AGENTS:
-        return {"score_steps": 0, "reason": f"{args.agent} does not rank candidates by the evaluator's score"}
-    if args.score_steps != "auto":
-        evaluator.config.score_steps = int(args.score_steps)
-        return {"score_steps": int(args.score_steps), "reason": "set by --score-steps"}
-    try:
-        ratio = uniform_ratio_for_budget(budget, evaluator.description, table, args.channel_multiple)
-    except AutopruneError:  # a measured table need not fall monotonically to one channel: the floor meets it
-        ratio = args.lower_bound
-    steps, info = resolve_score_steps(evaluator, uniform_policy(evaluator.description, ratio))
-    evaluator.config.score_steps = steps
-    log.info("scoring candidates after %d SGD steps (uniform policy at the budget: %.3f, unpruned %.3f)", steps,
-             info["uniform_accuracy"], info["unpruned_accuracy"])
-    return {**info, "reason": "auto"}
-
-
-def _check_lut_device(table, budget, allow_other_device: bool) -> None:
-    """A latency budget bounds the latency of the CPU the LUT was measured on: refuse a LUT from
-    another CPU unless the user says that device is the target."""
-    from autoprune.latency import describe_device, same_device, this_device
-
-    device = table.data.get("device")
-    if budget.metric == "latency" and not allow_other_device and not same_device(device):
-        raise AutopruneError(f"LUT {table.path} was measured on {describe_device(device)}, not on this machine "
-                             f"({this_device()}); a latency budget on it bounds that device's latency. Build a LUT "
-                             "here with `autoprune lut build`, or pass --allow-other-device if that device is "
-                             "your target")
-
-
-def _check_resume_flags(args, saved: dict, path: Path) -> None:
-    """A resumed search runs with its saved settings: refuse flags given now that say otherwise."""
-    defaults = vars(build_parser().parse_args(["search"]))
-    differ = [f"--{key.replace('_', '-')} {getattr(args, key)} (saved: {saved[key]})" for key in SEARCH_KEYS
-              if key in saved and key not in NETADAPT_RESUME_OVERRIDES and hasattr(args, key)
-              and getattr(args, key) != defaults.get(key) and getattr(args, key) != saved[key]]
-    if differ:
-        raise AutopruneError(f"--resume continues {path} with the settings it was started with; these differ: "
-                             f"{'; '.join(differ)}. Drop them, or start a new search with --out")
-
-
-def run_search(args, loaded=None):
-    """Search, prune, fine-tune and report into a run directory; returns (run, metrics).
-
-    `args` carries the search settings (the `search` command's options). With
-    `args.resume`, the settings saved in that run directory are used (a finished run is
-    returned as it is). Every check that
-    can refuse the settings runs before the run directory is created. `loaded` is an
-    already loaded (model, meta, data) for these settings, which a sweep shares. The run
-    directory is locked while this writes it.
-    """
-    opened: list = []
-    try:
-        return _run_search(args, loaded, opened)
-    finally:
-        for run in opened:
-            if run.lock is not None:
-                run.lock.release()
-
-
-def _run_search(args, loaded, opened: list):
-    from autoprune.budgets import check_reachable
-    from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-    from autoprune.report import finish_run
-    from autoprune.runs import Run, check_new_run_dir, new_run_dir
-    from autoprune.train import TrainConfig, seed_everything
-
-    run = None
-    if args.resume:
-        run = Run.open(args.resume, write=True)
-        opened.append(run)
-        if run.finished:
-            log.info("%s is already finished; nothing to resume", run.path)
-            return run, run.read_metrics()
-        saved = run.config
-        _check_resume_flags(args, saved, run.path)
-        args.resume_overrides = {key: getattr(args, key) for key in NETADAPT_RESUME_OVERRIDES
-                                 if getattr(args, key, None) is not None}
-        for key in SEARCH_KEYS:
-            if key in saved:
-                setattr(args, key, saved[key])
-        if "fill" not in saved:
-            args.fill = 0.0  # written before the fill bound existed: resume without it
-        for key, before in (("score_steps", 0), ("equal_steps", 0), ("allow_other_device", False),
-                            ("action_mapping", "absolute")):
-            if key not in saved:
-                setattr(args, key, before)  # written before the setting existed
-        args.no_download = True
-    budget = _check_search_args(args)
-    args.criterion = args.criterion or _default_criterion(args.agent)
-    if args.agent == "netadapt":
-        _import_netadapt()
-    path = None
-    if run is None:  # where the run goes is checked before any work is done
-        path = Path(args.out) if args.out else new_run_dir("runs", args.agent, budget.tag)
-        check_new_run_dir(path)
-
-    seed_everything(args.seed)
-    model, meta, data = loaded if loaded is not None else _model_and_data(args)
-    table = None
-    if args.lut:
-        from autoprune.latency import load_lut
-
-        table = load_lut(args.lut)
-        _check_lut_device(table, budget, args.allow_other_device)
-    evaluator = PolicyEvaluator(model, data, EvaluatorConfig(
-        criterion=args.criterion, channel_multiple=args.channel_multiple, bn_batches=args.bn_batches,
-        val_images=args.val_images, seed=args.seed))
-    description = evaluator.description
-    if not description.groups:
-        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
-    if table is not None:
-        table.check_model(description)
-    check_reachable(budget, description, _floor_channels(args.agent, description, args.lower_bound,
-                                                         args.channel_multiple), table, args.lower_bound)
-    scoring = _resolve_scoring(args, evaluator, budget, table)
-    search, agent_config = _make_searcher(args, evaluator, budget, table,
-                                          run.config.get("agent_config") if run is not None else None)
-    if run is not None and agent_config is not None and agent_config != run.config.get("agent_config"):
-        from autoprune.io import atomic_write_json
-        from autoprune.runs import CONFIG
-
-        atomic_write_json(run.path / CONFIG, {**run.config, "agent_config": agent_config,
-                                              **{key: agent_config[key] for key in NETADAPT_RESUME_OVERRIDES}})
-
-    if run is None:
-        config = {key: getattr(args, key) for key in SEARCH_KEYS}
-        config.update(model_name=args.model or "default (resnet20 on fashion-mnist)", data=data.name,
-                      groups=[g.name for g in description.groups],
-                      command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
-        if agent_config is not None:
-            config["agent_config"] = agent_config
-        config["scoring"] = scoring
-        if getattr(args, "sweep", None):
-            config["sweep"] = args.sweep
-        run = Run.create(path, config)
-        opened.append(run)
-    started = time.perf_counter()
-    result, breakdown = search(run)
-    session_seconds = time.perf_counter() - started
-    search_seconds = run.add_search_seconds(session_seconds)
-    if breakdown is None:
-        breakdown = {**evaluator.timings, "agent": max(0.0, session_seconds - evaluator.seconds)}
-    summary = {key: value for key, value in result.items() if key not in ("policy", "channels", "model")}
-    evaluations = evaluator.evaluations + int(result.get("proposals") or 0)  # NetAdapt scores its own
-    metrics = finish_run(run, evaluator, result["policy"], budget=budget, lut=table, search_seconds=search_seconds,
-                         search_breakdown=breakdown, progress=not args.quiet, model=result.get("model"),
-                         search_result=summary, candidate_evaluations=evaluations, equal_steps=args.equal_steps,
-                         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed))
-    return run, metrics
+    return {f.name: getattr(args, f.name) for f in settings_fields()
+            if hasattr(args, f.name) and getattr(args, f.name) != f.default}
 
 
 def cmd_search(args) -> int:
-    run, _ = run_search(args)
-    print((run.path / "report.md").read_text())
-    print(f"run directory: {run.path}")
+    from autoprune.pipeline.stages import resume_search, run_search
+
+    if args.resume:
+        outcome = resume_search(args.resume, changes=_given_settings(args), progress=not args.quiet)
+    else:
+        if args.budget is None:
+            raise AutopruneError("--budget is required, e.g. --budget 50%flops (or --resume RUN_DIR)")
+        outcome = run_search(_settings_from(args), out=args.out, progress=not args.quiet,
+                             download=not args.no_download,
+                             command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
+    print((outcome.run.path / "report.md").read_text())
+    print(f"run directory: {outcome.run.path}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from autoprune.compare import check_equal_training, load_runs, new_comparison_dir, write_comparison
+    from autoprune.comparison import check_equal_training, load_runs, new_comparison_dir, write_comparison
 
     records = load_runs(args.runs)
     if args.equal_training:
@@ -679,207 +386,73 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
-def _sweep_plan(args) -> list[argparse.Namespace]:
-    """One `search` namespace per (agent, budget, seed); every problem found is reported at once."""
-    from autoprune.budgets import parse_budget
+def cmd_sweep(args) -> int:
+    from autoprune.pipeline.sweep import run_sweep
 
-    agents, budgets, seeds_text = _split_list(args.agents), _split_list(args.budgets), _split_list(args.seeds)
-    problems = []
-    unknown = [a for a in agents if a not in AGENTS]
-    if not agents or unknown:
-        problems.append(f"unknown agent(s) {', '.join(unknown) or '(none given)'} (choose from {', '.join(AGENTS)})")
-    parsed, bad = {}, []
-    for text in budgets:
-        try:
-            parsed[text] = parse_budget(text)
-        except AutopruneError:
-            bad.append(text)
-    if not budgets or bad:
-        from autoprune.budgets import ACCEPTED_FORMS
-
-        problems.append(f"unreadable budget(s) {', '.join(bad) or '(none given)'} (accepted forms: {ACCEPTED_FORMS})")
-    if not args.lut and any(b.metric == "latency" for b in parsed.values()):
-        problems.append("latency budgets need a latency table: pass --lut FILE")
     seeds = []
-    for text in seeds_text:
+    for text in _split_list(args.seeds):
         try:
             seeds.append(int(text))
         except ValueError:
-            problems.append(f"seed {text!r} is not an integer")
-    if not seeds_text:
-        problems.append("--seeds needs at least one integer")
-    if problems:
-        raise AutopruneError("sweep not started: " + "; ".join(problems))
-
-    tag = f"{'+'.join(agents)}-{'+'.join(parsed[b].tag for b in budgets)}-s{'+'.join(map(str, seeds))}"
-    args.out = args.out or str(Path("runs") / f"sweep-{tag}")
-    plan = []
-    for agent in agents:
-        for text in budgets:
-            for seed in seeds:
-                ns = argparse.Namespace(**vars(args))
-                ns.agent, ns.budget, ns.seed, ns.resume = agent, text, seed, None
-                ns.out = str(Path(args.out) / f"{agent}-{parsed[text].tag}-s{seed}")
-                ns.sweep = args.out
-                _check_search_args(ns)
-                plan.append(ns)
-    # NetAdapt first: with equal training the other agents of its budget and seed get its SGD steps
-    return sorted(plan, key=lambda ns: ns.agent != "netadapt")
-
-
-def _sweep_mismatch(saved: dict, ns: argparse.Namespace) -> list[str]:
-    """Settings that an existing run directory of a sweep was made with and that differ now."""
-    others = {key for agent, keys in AGENT_KEYS.items() if agent != ns.agent for key in keys} \
-        - set(AGENT_KEYS.get(ns.agent, ()))
-    differ = []
-    for key in SEARCH_KEYS:
-        wanted = getattr(ns, key, None)
-        if key in others or key in NETADAPT_RESUME_OVERRIDES or (key == "equal_steps" and ns.level_training):
-            continue  # another agent's setting; one a resumed NetAdapt search may raise; or set by the sweep
-        if wanted is not None and key in saved and saved[key] != wanted:
-            differ.append(f"{key} {saved[key]!r} (now {wanted!r})")
-    return differ
-
-
-def _netadapt_steps(plan: list[argparse.Namespace], ns: argparse.Namespace) -> int:
-    """SGD steps since pruning of the NetAdapt run of `ns`'s budget and seed (0 if it failed)."""
-    from autoprune.runs import METRICS
-
-    for other in plan:
-        if other.agent == "netadapt" and (other.budget, other.seed) == (ns.budget, ns.seed):
-            metrics = Path(other.out) / METRICS
-            if metrics.is_file():
-                return int(json.loads(metrics.read_text()).get("training", {}).get("total_steps", 0))
+            raise AutopruneError(f"sweep not started: seed {text!r} is not an integer") from None
+    base = _settings_from(args, agent="ddpg", budget=None)
+    run_sweep(base, _split_list(args.agents), _split_list(args.budgets), seeds, out=args.out,
+              equal_training=not args.as_run, progress=not args.quiet, download=not args.no_download,
+              say=lambda line: print(line, flush=True))
     return 0
 
 
-def cmd_sweep(args) -> int:
-    from autoprune.budgets import check_reachable, parse_budget
-    from autoprune.compare import load_runs, write_comparison
-    from autoprune.pruning import describe_network
-    from autoprune.runs import CONFIG, METRICS
+def _setting_type(name: str):
+    """An argparse type for setting `name`: the text read as the setting's kind, then checked
+    by the settings' own rules (one line on error)."""
+    from autoprune.pipeline.settings import FIELDS, SettingError, coerce
 
-    args.level_training = not args.as_run and args.equal_steps == 0 and "netadapt" in _split_list(args.agents)
-    plan = _sweep_plan(args)
-    if any(ns.agent == "netadapt" for ns in plan):
-        _import_netadapt()
-    for ns in plan:
-        config_path = Path(ns.out) / CONFIG
-        if config_path.is_file():
-            differ = _sweep_mismatch(json.loads(config_path.read_text()), ns)
-            if differ:
-                raise AutopruneError(f"{ns.out} was made with other settings ({', '.join(differ)}); "
-                                     "pass another --out or repeat the original command")
-    loaded = _model_and_data(args)
-    description = describe_network(loaded[0], loaded[2].input_shape)
-    if not description.groups:
-        raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
-    table = None
-    if args.lut:
-        from autoprune.latency import load_lut
+    meta = FIELDS[name].metadata
 
-        table = load_lut(args.lut)
-        table.check_model(description)
-    unreachable = []
-    for ns in plan:
-        floor = _floor_channels(ns.agent, description, args.lower_bound, args.channel_multiple)
+    def parse(text: str):
+        value = text
+        if meta["kind"] in (int, float) and not (meta["auto"] and text.strip().lower() == "auto"):
+            try:
+                value = float(text) if meta["kind"] is float else int(text)
+            except ValueError:
+                kind = "an integer" if meta["kind"] is int else "a number"
+                raise argparse.ArgumentTypeError(f"{text!r} is not {kind}{' or auto' if meta['auto'] else ''}") \
+                    from None
         try:
-            check_reachable(parse_budget(ns.budget), description, floor, table, args.lower_bound)
-        except AutopruneError:
-            unreachable.append(ns.budget)
-    unreachable = list(dict.fromkeys(unreachable))
-    if unreachable:
-        raise AutopruneError(f"sweep not started: budget(s) {', '.join(unreachable)} unreachable even with every "
-                             f"group at the lower bound {args.lower_bound:g}; lower --lower-bound or loosen them")
+            return coerce(name, value)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(exc.detail) from None
+    parse.__name__ = name.replace("_", " ")
+    return parse
 
-    failed = []
-    for i, ns in enumerate(plan, 1):
-        label = f"[{i}/{len(plan)}] {ns.agent} at {ns.budget}, seed {ns.seed}"
-        path = Path(ns.out)
-        if (path / METRICS).is_file():
-            print(f"{label}: finished, skipped ({path})", flush=True)
+
+def _add_search_args(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """The search settings as options (from SearchSettings: each default and check is written
+    there once), plus the command line's own."""
+    from autoprune.pipeline.registry import searcher_names
+    from autoprune.pipeline.settings import settings_fields
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in settings_fields():
+        if f.name in skip:
             continue
-        if (path / CONFIG).is_file():
-            ns.resume = str(path)
-            print(f"{label}: resuming {path}", flush=True)
+        meta = f.metadata
+        target = p if meta["group"] is None else groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        doc = meta["doc"] if f.name != "agent" else f"one of {', '.join(searcher_names())} (ddpg is AMC)"
+        if meta["agents"] and meta["group"] is None:
+            doc = f"{' and '.join(meta['agents'])}: {doc}"
+        if meta["choices"]:
+            doc += f" ({', '.join(meta['choices'])})"
+        if f.default is not None:
+            doc += f" (default: {f.default if meta['kind'] is not bool else ('on' if f.default else 'off')})"
+        if meta["kind"] is bool:  # --flag / --no-flag
+            kwargs = {"action": argparse.BooleanOptionalAction}
         else:
-            if args.level_training and ns.agent != "netadapt":
-                ns.equal_steps = _netadapt_steps(plan, ns)
-            print(f"{label}: running into {path}", flush=True)
-        try:
-            _, metrics = run_search(ns, loaded=loaded)
-        except AutopruneError as exc:  # e.g. NetAdapt out of iterations: the other runs still go ahead
-            print(f"{label}: failed: {exc}", flush=True)
-            failed.append(path.name)
-            continue
-        print(f"{label}: {100 * metrics['flops_ratio']:.1f} % FLOPs, test accuracy "
-              f"{100 * metrics['test_accuracy']:.2f} % after {metrics['finetune_epochs']} epoch(s)", flush=True)
-    finished = [ns.out for ns in plan if (Path(ns.out) / METRICS).is_file()]
-    if finished:
-        out = Path(args.out) / "comparison"
-        _, markdown, written = write_comparison(load_runs(finished), out)
-        print(markdown)
-        print(f"wrote {', '.join(p.name for p in written)} in {out}")
-    if failed:
-        raise AutopruneError(f"{len(failed)} of {len(plan)} sweep runs failed ({', '.join(failed)}; see above); "
-                             "fix the settings, then repeat the command to resume them")
-    return 0
-
-
-def _add_search_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
-    """Options shared by `search` and `sweep` (which takes --seeds instead of --seed)."""
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--criterion", default=None, choices=("l1", "l2", "bn_scale", "taylor", "apoz", "random"),
-                   help="which channels to keep inside a group (default: l2 for netadapt, as in the paper; "
-                        "l1 otherwise)")
-    p.add_argument("--lut", default=None, help="latency LUT (needed for latency budgets and rewards)")
-    p.add_argument("--lower-bound", type=float, default=0.2, help="smallest keep ratio any agent may choose")
-    p.add_argument("--fill", type=float, default=DEFAULT_FILL,
-                   help="ddpg and random: share of the budget every episode is steered to use, through a lower "
-                        f"action bound (default: {DEFAULT_FILL:g}; 0: AMC's upper bound only)")
-    p.add_argument("--action-mapping", choices=("feasible", "absolute"), default="feasible",
-                   help="ddpg and random: an action spans the keep ratios the budget's bounds allow (feasible), or "
-                        "[--lower-bound, 1] clipped to them (absolute, AMC's)")
-    p.add_argument("--channel-multiple", type=pos_int, default=1, help="round kept channels to this multiple")
-    p.add_argument("--val-images", type=pos_int, default=1000,
-                   help="validation images scored per candidate (a fixed subset of the validation split)")
-    p.add_argument("--bn-batches", type=nonneg_int, default=10, help="training batches (64 images) for BN recalibration")
-    p.add_argument("--finetune-epochs", type=nonneg_int, default=5, help="long-term fine-tune of the best policy")
-    p.add_argument("--finetune-lr", type=pos_float, default=0.01)
-    p.add_argument("--score-steps", type=auto_or_steps, default="auto",
-                   help="SGD steps on fixed training batches before each candidate is scored (ddpg, random, "
-                        "sensitivity); auto: 20 when the uniform policy at the budget scores below half the "
-                        "unpruned accuracy after BN recalibration alone (its score is then near chance), else 0")
-    p.add_argument("--equal-steps", type=nonneg_int, default=0,
-                   help="equal training: after the fine-tune, go on until the network has had this many SGD "
-                        "steps since pruning, counting those the search gave it (NetAdapt's short-term "
-                        "fine-tunes); the report gives the test accuracy at both points (0: off)")
-    p.add_argument("--allow-other-device", action="store_true",
-                   help="accept a latency budget on a LUT measured on another CPU than this one")
-    if seed:
-        p.add_argument("--seed", type=int, default=0, help="drives everything: same seed, same policy")
+            kwargs = {"type": _setting_type(f.name)}
+        target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                            help=doc.replace("%", "%%"), **kwargs)
+    p.add_argument("--no-download", action="store_true", help="never download missing data files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    ddpg = p.add_argument_group("ddpg (AMC)")
-    ddpg.add_argument("--episodes", type=pos_int, default=400, help="episodes in all, warm-up included (AMC: 400)")
-    ddpg.add_argument("--warmup-episodes", type=nonneg_int, default=100, help="episodes of random actions first (AMC: 100)")
-    ddpg.add_argument("--reward", default="acc", help="acc, acc_flops, acc_params or acc_latency")
-    baselines = p.add_argument_group("random and sensitivity baselines")
-    baselines.add_argument("--samples", type=pos_int, default=100, help="random: policies drawn (default: 100)")
-    baselines.add_argument("--sensitivity-step", type=pos_float, default=0.1,
-                           help="sensitivity: spacing of the keep ratios on each group's curve (default: 0.1)")
-    netadapt = p.add_argument_group("netadapt (defaults: NetAdapt's own)")
-    netadapt.add_argument("--workers", type=pos_int, default=None, help="proposals evaluated in parallel")
-    netadapt.add_argument("--short-term-steps", type=nonneg_int, default=None,
-                          help="fine-tuning steps for each proposal")
-    netadapt.add_argument("--initial-reduction", type=pos_float, default=None,
-                          help="resource cut of the first iteration, as a fraction of the unpruned model's")
-    netadapt.add_argument("--reduction-decay", type=pos_float, default=None, help="factor on the cut per iteration")
-    netadapt.add_argument("--max-iterations", type=pos_int, default=None, help="stop after this many iterations")
-    netadapt.add_argument("--measure-latency", choices=("auto", "on", "off"), default=None,
-                          help="latency budgets: time the network on this machine (in a separate process) after "
-                               "every iteration and stop on the measured latency (auto: when the LUT was measured on "
-                               "this CPU; default off, the LUT alone, repeatable to the channel)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -940,8 +513,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="find a per-group pruning policy under a budget (AMC's DDPG, NetAdapt or "
                                       "a baseline), prune, fine-tune, report")
-    p.add_argument("--budget", default=None, help="e.g. 50%%flops, 30%%params, 50%%latency (with --lut), 20MFLOPs, 3.5ms")
-    p.add_argument("--agent", default="ddpg", help=f"one of {', '.join(AGENTS)} (default: ddpg, AMC)")
     _add_search_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/TIME-AGENT-BUDGET)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed search")
@@ -957,10 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="search every agent at every budget and seed, then compare; "
                                      "repeating the command continues a killed sweep")
-    p.add_argument("--agents", required=True, help=f"comma-separated, from {', '.join(AGENTS)}")
+    p.add_argument("--agents", required=True, help="comma-separated, from those of `search --agent`")
     p.add_argument("--budgets", required=True, help="comma-separated, e.g. 30%%flops,50%%flops,70%%flops")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    _add_search_args(p, seed=False)
+    _add_search_args(p, skip=("budget", "agent", "seed"))
     p.add_argument("--out", default=None,
                    help="directory of the sweep's runs and comparison (default: runs/sweep-AGENTS-BUDGETS-sSEEDS)")
     p.add_argument("--as-run", action="store_true",
@@ -1030,14 +601,6 @@ pos_int, nonneg_int = _bounded(int, 1, False), _bounded(int, 0, False)
 pos_float, nonneg_float = _bounded(float, 0.0, True), _bounded(float, 0.0, False)
 
 
-def auto_or_steps(text: str):
-    """An argparse type: `auto` or a count of 0 or more."""
-    return "auto" if text.strip().lower() == "auto" else nonneg_int(text)
-
-
-auto_or_steps.__name__ = "auto or a count"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (no usage dump), like every other autoprune error."""
 
@@ -1058,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AutopruneError as exc:
-        print(f"autoprune: error: {exc}", file=sys.stderr)
+        print(f"autoprune: error: {_with_flags(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0  # output piped into e.g. head
@@ -1071,6 +634,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoprune: internal error ({type(exc).__name__}: {first}); the full traceback is in {path} "
               "(please attach it to a bug report)", file=sys.stderr)
         return 1
+
+
+def _with_flags(exc: AutopruneError) -> str:
+    """The library's message, with a setting's name turned into its flag."""
+    from autoprune.pipeline.settings import ResumeMismatch, SettingError
+
+    if isinstance(exc, SettingError):
+        return f"--{exc.name.replace('_', '-')}: {exc.detail}"
+    if isinstance(exc, ResumeMismatch):
+        listed = "; ".join(f"--{name.replace('_', '-')} {value} (saved: {saved})" for name, value, saved in exc.differ)
+        return (f"--resume continues {exc.path} with the settings it was started with; these differ: {listed}. "
+                "Drop them, or start a new search with --out")
+    return str(exc)
 
 
 def _write_traceback() -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ DATASET_NAMES = (*SPECS, "synthetic")
 
 @dataclass
 class Split:
-    """Images (uint8, N×C×H×W) and labels (int64, N) of one split."""
+    """Images (N×C×H×W) and labels (int64, N) of one split: uint8 images are normalised with the
+    data set's mean and std when batched, float images (already normalised by their owner) are
+    used as they are."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -130,7 +132,10 @@ class DataBundle:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> float tensor normalised with the data set's mean and std."""
+        """uint8 images -> float tensor normalised with the data set's mean and std; float images
+        as they are."""
+        if images.is_floating_point():
+            return images.float()
         x = images.float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
@@ -389,11 +394,12 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
                 if name == "fashion-mnist" and data_dir is None:
                     raise AutopruneError(
                         f"{exc}. On Debian, `apt-get install dataset-fashion-mnist` puts the files in "
-                        f"{spec.default_dir}; or pass --data-dir") from None
+                        f"{spec.default_dir}; or give the directory that holds the files") from None
                 raise
         elif not directory.is_dir():
             hint = (" (on Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else "")
-            raise AutopruneError(f"{name}: directory {directory} not found{hint}; pass --data-dir")
+            raise SettingError("data_dir", f"{name}: directory {directory} not found{hint}; give the directory "
+                                           "that holds the files")
         loader = _load_idx_dir if spec.layout == "idx" else _load_cifar_dir
         train_x, train_y, test_x, test_y = loader(directory, spec)
         mean, std, num_classes, hflip, pad = spec.mean, spec.std, spec.num_classes, spec.hflip, spec.crop_padding
@@ -420,3 +426,85 @@ def input_shape_for(name: str) -> tuple[int, int, int]:
     if spec is None:
         raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return (spec.channels, spec.size, spec.size)
+
+
+def _collect(source, split: str) -> Split | None:
+    """A split held in memory from a `Dataset` or `DataLoader` of (image, label) pairs."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if source is None:
+        return None
+    if isinstance(source, DataLoader):
+        batches = source
+    elif isinstance(source, Dataset) or hasattr(source, "__getitem__"):
+        if hasattr(source, "__len__") and len(source) == 0:
+            raise AutopruneError(f"the {split} set is empty")
+        batches = DataLoader(source, batch_size=256, shuffle=False)
+    else:
+        raise AutopruneError(f"the {split} set must be a torch Dataset or DataLoader of (image, label) pairs, not "
+                             f"{type(source).__name__}")
+    images, labels = [], []
+    try:
+        for batch in batches:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise AutopruneError(f"the {split} set must yield (image, label) pairs; it yielded "
+                                     f"{type(batch).__name__}")
+            x, y = torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+            images.append(x), labels.append(y.reshape(-1).long())
+    except AutopruneError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AutopruneError(f"cannot read the {split} set as (image, label) pairs: {first}") from None
+    if not images:
+        raise AutopruneError(f"the {split} set yielded no batches")
+    shapes = {tuple(x.shape[1:]) for x in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        shown = ", ".join(str(s) for s in sorted(shapes))
+        raise AutopruneError(f"the {split} set's images must all have one shape (channels, height, width); "
+                             f"got {shown}")
+    x = torch.cat(images)
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise AutopruneError(f"the {split} set's images must be uint8 or float tensors, not {x.dtype}")
+    return Split(x if x.dtype == torch.uint8 else x.float(), torch.cat(labels))
+
+
+def bundle_from_datasets(train, val, test=None, *, num_classes: int | None = None,
+                         name: str = "user data") -> DataBundle:
+    """A DataBundle from the caller's own data: `Dataset`s or `DataLoader`s of (image, label).
+
+    Every split is read once into memory. Float images are taken as normalised by their
+    owner and used as they are; uint8 images are scaled to [0, 1] and normalised with the
+    mean and std of the training split. No augmentation is applied. Labels must lie in
+    [0, num_classes) (default: the largest label seen plus one).
+    """
+    splits = {"train": _collect(train, "train"), "val": _collect(val, "val")}
+    if splits["val"] is None:
+        raise AutopruneError("a validation set is needed: candidates are scored on it (never on the test set)")
+    test_split = _collect(test, "test")
+    shape = tuple(splits["train"].images.shape[1:])
+    for key, split in (*splits.items(), ("test", test_split)):
+        if split is not None and tuple(split.images.shape[1:]) != shape:
+            raise AutopruneError(f"the {key} set's images have shape {tuple(split.images.shape[1:])}, the train "
+                                 f"set's {shape}")
+        if split is not None and split.images.dtype != splits["train"].images.dtype:
+            raise AutopruneError(f"the {key} set's images are {split.images.dtype}, the train set's "
+                                 f"{splits['train'].images.dtype}; give every split in one form")
+    seen = max(int(split.labels.max()) for split in (*splits.values(), test_split) if split is not None)
+    classes = num_classes if num_classes is not None else seen + 1
+    for key, split in (*splits.items(), ("test", test_split)):
+        if split is not None and (int(split.labels.min()) < 0 or int(split.labels.max()) >= classes):
+            raise AutopruneError(f"the {key} set has labels outside [0, {classes - 1}] (found "
+                                 f"{int(split.labels.min())} to {int(split.labels.max())}); the model has "
+                                 f"{classes} classes")
+    channels = shape[0]
+    train_x = splits["train"].images
+    if train_x.dtype == torch.uint8:
+        scaled = train_x.float().div_(255.0).transpose(0, 1).reshape(channels, -1)
+        mean, std = tuple(scaled.mean(1).tolist()), tuple(max(v, 1e-6) for v in scaled.std(1).tolist())
+    else:
+        mean, std = (0.0,) * channels, (1.0,) * channels  # unused: float images are already normalised
+    if test_split is None:
+        test_split = Split(train_x[:0], splits["train"].labels[:0])
+    return DataBundle(name=name, train=splits["train"], val=splits["val"], test=test_split, mean=mean, std=std,
+                      num_classes=classes, meta={"source": "given from Python", "dtype": str(train_x.dtype)})

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from autoprune.costs import policy_channels
 from autoprune.data import DataBundle
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 from autoprune.pruning import ChannelPruner
 from autoprune.train import evaluate, recalibrate_bn
 
@@ -63,7 +63,7 @@ class PolicyEvaluator:
     def __init__(self, model: nn.Module, data: DataBundle, config: EvaluatorConfig | None = None):
         self.config = config or EvaluatorConfig()
         if len(data.val) == 0:
-            raise AutopruneError("the search needs a validation split; use --val-size > 0")
+            raise SettingError("val_size", "the search needs a validation split; hold out more than 0 images")
         self.data = data
         batches = criterion_batches(data, self.config.criterion, self.config.seed)
         self.pruner = ChannelPruner(model, data.input_shape, criterion=self.config.criterion, batches=batches,

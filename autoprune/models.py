@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 
 CHECKPOINT_FORMAT = "autoprune-checkpoint"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "resnet20-fashion-mnist.pt"
@@ -240,11 +240,11 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while it loads
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise AutopruneError(f"cannot import {module_name!r} for --model {spec}: {type(exc).__name__}: {first}") \
+        raise SettingError("model", f"cannot import {module_name!r} for {spec}: {type(exc).__name__}: {first}") \
             from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise AutopruneError(f"{module_name} has no callable {attr!r} (from --model {spec})")
+        raise SettingError("model", f"{module_name} has no callable {attr!r} (from {spec})")
     return factory
 
 
@@ -281,7 +281,7 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
     """
     if model is None:
         if weights is not None:
-            raise AutopruneError("--weights needs --model (a zoo name or package.module:factory)")
+            raise SettingError("weights", "weights need a model to load into (a zoo name or package.module:factory)")
         if not DEFAULT_CHECKPOINT.is_file():
             raise AutopruneError(f"the default checkpoint {DEFAULT_CHECKPOINT} is missing; reinstall autoprune "
                                  "or run `autoprune train --model resnet20`")
@@ -302,7 +302,7 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
         if not isinstance(net, nn.Module):
             raise AutopruneError(f"{model} returned {type(net).__name__}, not a torch.nn.Module")
     else:
-        raise AutopruneError(f"--model {model!r} is neither a zoo model ({', '.join(ZOO)}), "
+        raise SettingError("model", f"{model!r} is neither a zoo model ({', '.join(ZOO)}), "
                              "an existing file, nor package.module:factory")
 
     if weights is not None:
@@ -334,6 +334,10 @@ def _from_file(path: Path) -> tuple[nn.Module, dict]:
     payload = _load_file(path)
     if isinstance(payload, nn.Module):
         return payload, {}
+    from autoprune.export import TRAINABLE_FORMAT
+
+    if isinstance(payload, dict) and payload.get("format") == TRAINABLE_FORMAT:
+        return payload["model"], dict(payload.get("meta") or {})
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         config = payload.get("config") or {}
         name = config.get("name")
@@ -345,4 +349,4 @@ def _from_file(path: Path) -> tuple[nn.Module, dict]:
         meta = {k: v for k, v in payload.items() if k not in ("state_dict", "format", "version", "config")}
         return net, meta
     raise AutopruneError(f"{path} is neither a model nor an autoprune checkpoint; a bare state dict "
-                         "needs --model NAME --weights FILE")
+                         "needs a model name and a weights file")

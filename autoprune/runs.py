@@ -53,7 +53,8 @@ def check_new_run_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise AutopruneError(f"{path} exists and is not a directory; choose another output directory")
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-        raise AutopruneError(f"{path} already exists and is not empty; use --resume {path} to continue it")
+        raise AutopruneError(f"{path} already exists and is not empty; resume the search there, or choose another "
+                              "output directory")
     ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -93,6 +94,12 @@ class Run:
         if write:
             run.lock = WriterLock(run.path / LOCK, f"run directory {run.path}")
         return run
+
+    def release(self) -> None:
+        """Give up the lock, if this process holds it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def config(self) -> dict:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-import envs  # noqa: F401
-from agents.amc import run_amc
-from agents.ddpg import AMCConfig
+import autoprune.envs  # noqa: F401
+from autoprune.agents.amc import run_amc
+from autoprune.agents.ddpg import AMCConfig
 from autoprune.budgets import DEFAULT_FILL, parse_budget, uniform_ratio_for_budget
 from autoprune.costs import policy_cost, uniform_policy
 from autoprune.data import load_data
@@ -38,7 +38,7 @@ from autoprune.latency import this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.runs import Run
 from autoprune.train import TrainConfig, evaluate, train
-from envs.channel_pruning import ChannelPruningEnv
+from autoprune.envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

@@ -28,7 +28,7 @@ import torch
 from autoprune.cli import main as autoprune_main
 from autoprune.latency import TorchBackend, default_lut_path, load_lut, this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
-from autoprune.report import measure_latency
+from autoprune.latency import measure_latency
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

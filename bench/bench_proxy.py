@@ -35,7 +35,7 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.latency import spearman, this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.train import TrainConfig, evaluate, train
-from envs.channel_pruning import ChannelPruningEnv
+from autoprune.envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

@@ -4,7 +4,7 @@
 entry point, as Gymnasium's own environment packages do:
 
     import gymnasium as gym
-    import envs
+    import autoprune.envs
     env = gym.make("autoprune/ChannelPruning-v1", evaluator=..., budget=parse_budget("50%flops"))
 """
 
@@ -13,4 +13,4 @@ import gymnasium as gym
 ENV_ID = "autoprune/ChannelPruning-v1"
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="envs.channel_pruning:ChannelPruningEnv", disable_env_checker=True)
+    gym.register(id=ENV_ID, entry_point="autoprune.envs.channel_pruning:ChannelPruningEnv", disable_env_checker=True)

@@ -11,9 +11,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from autoprune.budgets import DEFAULT_FILL, Budget, check_reachable, resource_value
+from autoprune.budgets import DEFAULT_FILL, Budget, Constraint
 from autoprune.costs import count_cost, group_choices, group_costs, group_keep
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 from autoprune.evaluation import PolicyEvaluator
 
 OBSERVATION_FEATURES = ("index", "layer_type", "in_channels", "out_channels", "stride", "kernel", "feature_size",
@@ -123,25 +123,22 @@ class ChannelPruningEnv(gym.Env):
         if not 0.0 <= fill <= 1.0:
             raise AutopruneError(f"fill {fill} must be in [0, 1]")
         if (budget.metric == "latency" or reward == "acc_latency") and lut is None:
-            raise AutopruneError("a latency budget or reward needs a latency table: pass --lut FILE")
+            raise SettingError("lut", "a latency budget or reward needs a latency table")
         self.evaluator = evaluator
         self.description = evaluator.description
         if not self.description.groups:
             raise AutopruneError("the model has no prunable layer; nothing to search")
-        if lut is not None:
-            lut.check_model(self.description)
         self.budget, self.lut, self.lower_bound, self.reward_name = budget, lut, lower_bound, reward
         self.groups = self.description.groups
         multiple = evaluator.config.channel_multiple
         self._choices = [group_choices(g, multiple) for g in self.groups]
         self._floor = [group_keep(g, lower_bound, multiple) for g in self.groups]
         self._full = {g.name: g.channels for g in self.groups}
-        self.base_value = self._value(self._full)
-        self.limit = budget.limit(self.base_value)
+        self.constraint = Constraint(budget, self.description, lut, multiple)
+        self.base_value, self.limit = self.constraint.base_value, self.constraint.limit
         self.fill = fill
         self.target = fill * self.limit  # what every episode is steered to use at least
-        check_reachable(budget, self.description, {g.name: c for g, c in zip(self.groups, self._floor)}, lut,
-                        lower_bound)
+        self.constraint.check_reachable({g.name: c for g, c in zip(self.groups, self._floor)}, lower_bound)
         self._static = self._static_features()
         self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
@@ -159,7 +156,7 @@ class ChannelPruningEnv(gym.Env):
         return {"flops": cost.flops, "params": cost.params, "latency_ms": latency}
 
     def _value(self, kept: dict[str, int]) -> float:
-        return resource_value(self.budget.metric, self.description, kept, self.lut)
+        return self.constraint.value(kept)
 
     def _resource_shares(self) -> list[float]:
         """Each group's share of the budget's resource (see Observation Space)."""
@@ -213,7 +210,7 @@ class ChannelPruningEnv(gym.Env):
         choices = self._choices[t]
 
         def fits(count: int) -> bool:
-            return self._value({**self._full, **self._kept, **later, self.groups[t].name: count}) <= self.limit
+            return self.constraint.fits({**self._kept, **later, self.groups[t].name: count})
 
         lo, hi = choices.index(self._floor[t]), len(choices) - 1
         while lo < hi:  # the cost grows with the count: binary search, then check

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from agents.baselines import (choose_threshold, policy_for_threshold, run_random, run_sensitivity, run_uniform,
+from autoprune.agents.baselines import (choose_threshold, policy_for_threshold, run_random, run_sensitivity, run_uniform,
                               sensitivity_grid)
 from autoprune.budgets import check_budget, parse_budget
 from autoprune.costs import channels_to_keep, uniform_policy
@@ -157,7 +157,7 @@ def test_sensitivity_meets_the_budget_saves_its_curves_and_resumes(evaluator, tm
 
 
 def test_tp_global_meets_the_budget_with_torch_pruning_s_own_network(evaluator, tmp_path):
-    from agents.baselines import run_tp_global
+    from autoprune.agents.baselines import run_tp_global
     from autoprune.costs import count_cost, policy_channels
     from autoprune.pruning import describe_network
 
@@ -175,7 +175,7 @@ def test_tp_global_meets_the_budget_with_torch_pruning_s_own_network(evaluator, 
 
 
 def test_tp_global_refuses_a_budget_out_of_reach(evaluator, tmp_path):
-    from agents.baselines import run_tp_global
+    from autoprune.agents.baselines import run_tp_global
 
     with pytest.raises(AutopruneError, match="cannot meet"):
         run_tp_global(new_run(tmp_path / "tp"), evaluator, parse_budget("1%flops"), lower_bound=0.5, progress=False)

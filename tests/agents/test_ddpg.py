@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from agents.ddpg import AMCConfig, EpisodeRewardBuffer, TruncatedNormalNoise, make_agent, search_policy
+from autoprune.agents.ddpg import AMCConfig, EpisodeRewardBuffer, TruncatedNormalNoise, make_agent, search_policy
 from autoprune.budgets import parse_budget
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from envs.channel_pruning import ChannelPruningEnv
+from autoprune.envs.channel_pruning import ChannelPruningEnv
 
 FAST = EvaluatorConfig(bn_batches=2, bn_batch_size=32, val_images=64)
 SMALL = AMCConfig(episodes=6, warmup_episodes=3)
@@ -16,7 +16,7 @@ def env(trained_tiny, synthetic_data):
 
 
 def test_configured_as_amc(env):
-    agent, noise = make_agent(env, AMCConfig())
+    agent, noise = make_agent(env, AMCConfig(episodes=400, warmup_episodes=100))  # AMC's counts
     assert agent.gamma == 1.0 and agent.tau == 0.01 and agent.batch_size == 64
     assert agent.learning_starts == 100 * len(env.groups)
     assert agent.replay_buffer.buffer_size == 100 * len(env.groups)  # the last 100 episodes
@@ -68,7 +68,7 @@ def test_final_reward_is_credited_to_every_step_and_the_baseline_is_subtracted_w
 def kill_after_four_episodes(run, env, monkeypatch) -> None:
     """Run a search into `run` that is killed once its fourth episode is saved; the saving is
     restored afterwards, for the resume."""
-    import agents.amc as amc
+    import autoprune.agents.amc as amc
 
     real_save, calls = amc._save_state, {"n": 0}
 
@@ -85,7 +85,7 @@ def kill_after_four_episodes(run, env, monkeypatch) -> None:
 
 
 def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch):
-    import agents.amc as amc
+    import autoprune.agents.amc as amc
     from autoprune.runs import Run
 
     reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
@@ -119,7 +119,7 @@ def _cut_mid_line(path):
     ("best policy random bytes", "best_policy.json", lambda p: p.write_bytes(b"\xff\xfe" * 50)),
 ], ids=lambda d: d[0])
 def test_resume_rebuilds_damaged_run_files_from_the_state(env, tmp_path, monkeypatch, damage):
-    import agents.amc as amc
+    import autoprune.agents.amc as amc
     from autoprune.runs import Run
 
     _, name, spoil = damage
@@ -139,7 +139,7 @@ def test_resume_rebuilds_damaged_run_files_from_the_state(env, tmp_path, monkeyp
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x03garbage" * 10], ids=["empty", "random bytes"])
 def test_a_damaged_state_is_refused_in_one_line(env, tmp_path, content):
-    import agents.amc as amc
+    import autoprune.agents.amc as amc
     from autoprune.errors import AutopruneError
     from autoprune.runs import Run
 
@@ -152,7 +152,7 @@ def test_a_damaged_state_is_refused_in_one_line(env, tmp_path, content):
 
 
 def test_a_resumed_search_counts_the_work_of_every_session(trained_tiny, synthetic_data, tmp_path, monkeypatch):
-    import agents.amc as amc
+    import autoprune.agents.amc as amc
     from autoprune.runs import SEARCH_TIME, Run
 
     def fresh_env():  # a new process: nothing cached, nothing counted

@@ -4,14 +4,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import agents.netadapt as netadapt
-from agents.netadapt import HISTORY_COLUMNS, NetAdaptConfig, minimum_channels, run_netadapt
+import autoprune.agents.netadapt as netadapt
+from autoprune.agents.netadapt import HISTORY_COLUMNS, NetAdaptConfig, minimum_channels, run_netadapt
 from autoprune.budgets import parse_budget
 from autoprune.costs import count_cost
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pruning import describe_network
-from autoprune.report import LatencyWorker
+from autoprune.latency import LatencyWorker
 from autoprune.runs import Run
 from autoprune.train import evaluate
 

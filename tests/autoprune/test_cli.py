@@ -217,10 +217,11 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
     code, stdout, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
                             *SEARCH_FAST)
     assert code == 0, err
-    for name in ("config.json", "history.csv", "best_policy.json", "model.pt2", "metrics.json", "keep_ratios.png",
-                 "report.md"):
+    for name in ("config.json", "history.csv", "best_policy.json", "model.pt", "model.pt2", "model.onnx",
+                 "metrics.json", "keep_ratios.png", "report.md"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["outputs"]["onnx_max_abs_difference"] < 1e-3  # ONNX Runtime agrees with torch
     assert metrics["flops_ratio"] <= 0.5 and "MACs" in (out / "report.md").read_text()
     breakdown = metrics["search_breakdown_seconds"]
     assert set(breakdown) == {"prune", "bn_recalibration", "validation", "agent"}
@@ -258,7 +259,7 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
 
 
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):
-    from envs.channel_pruning import ChannelPruningEnv
+    from autoprune.envs.channel_pruning import ChannelPruningEnv
 
     out = tmp_path / "old"
     code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
@@ -309,7 +310,8 @@ def test_search_bad_inputs_leave_no_run_directory(checkpoint, tmp_path, capsys):
         sys.path.remove(str(tmp_path))
 
 
-BASELINE_FAST = ["--val-size", "400", "--val-images", "100", "--bn-batches", "2", "--finetune-epochs", "0", "--quiet"]
+BASELINE_FAST = ["--val-size", "400", "--val-images", "100", "--bn-batches", "2", "--finetune-epochs", "0", "--no-onnx",
+                 "--quiet"]
 RUN_FILES = ("config.json", "history.csv", "best_policy.json", "model.pt2", "metrics.json", "keep_ratios.png",
              "report.md")
 
@@ -337,7 +339,7 @@ def test_search_with_a_baseline_agent_writes_a_complete_run_directory(checkpoint
 
 
 def test_search_with_netadapt_fine_tunes_the_model_it_returns(checkpoint, tmp_path, capsys):
-    pytest.importorskip("agents.netadapt")
+    pytest.importorskip("autoprune.agents.netadapt")
     out = tmp_path / "netadapt"
     code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "80%flops", "--agent", "netadapt",
                        "--out", str(out), "--initial-reduction", "0.3", "--max-iterations", "2",
@@ -377,10 +379,10 @@ def test_search_refuses_bad_agent_settings_before_creating_the_run(checkpoint, t
         "sensitivity, unreachable": (["--agent", "sensitivity", "--budget", "10%flops", "--lower-bound", "0.5"],
                                      "unreachable"),
         "no samples": (["--agent", "random", "--budget", "50%flops", "--samples", "0"], "--samples"),
-        "fill above 1": (["--agent", "random", "--budget", "50%flops", "--fill", "1.5"], "--fill 1.5 must be in [0, 1]"),
+        "fill above 1": (["--agent", "random", "--budget", "50%flops", "--fill", "1.5"], "--fill: must be at most 1"),
     }
     try:
-        import agents.netadapt  # noqa: F401
+        import autoprune.agents.netadapt  # noqa: F401
 
         cases["netadapt, unreachable"] = (["--agent", "netadapt", "--budget", "2%flops"], "unreachable")
     except ImportError:
@@ -430,7 +432,7 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(sweep, capsys):
 
 
 def test_sweep_gives_every_agent_netadapt_s_training(checkpoint, tmp_path, capsys):
-    pytest.importorskip("agents.netadapt")
+    pytest.importorskip("autoprune.agents.netadapt")
     out = tmp_path / "equal"
     code, stdout, err = run(capsys, "sweep", "--model", str(checkpoint), "--agents", "uniform,netadapt",
                             "--budgets", "80%flops", "--out", str(out), "--initial-reduction", "0.3",
@@ -517,7 +519,7 @@ def test_train_with_the_same_seed_gives_the_same_weights(tmp_path, capsys):
     (["search", "--val-images", "0"], "--val-images: must be at least 1"),
     (["search", "--bn-batches", "-1"], "--bn-batches: must be at least 0"),
     (["search", "--episodes", "ten"], "'ten' is not an integer"),
-    (["search", "--finetune-lr", "nan"], "--finetune-lr: must be above 0.0"),
+    (["search", "--finetune-lr", "nan"], "--finetune-lr: must be finite"),
 ])
 def test_out_of_range_numbers_are_refused_in_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ from tests.archs import FIXED
 
 MODEL = "tests.archs:mixed_net"
 FAST = ["--data", "synthetic", "--val-size", "400", "--val-images", "100", "--bn-batches", "2",
-        "--finetune-epochs", "0", "--quiet"]
+        "--finetune-epochs", "0", "--no-onnx", "--quiet"]
 
 
 def run(capsys, *argv):

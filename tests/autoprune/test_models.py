@@ -49,7 +49,7 @@ def test_bad_model_inputs(tmp_path):
     torch.save(build_model("vgg").state_dict(), tmp_path / "vgg.pt")
     with pytest.raises(AutopruneError, match="does not fit model resnet20"):
         load_model("resnet20", tmp_path / "vgg.pt")
-    with pytest.raises(AutopruneError, match="needs --model"):
+    with pytest.raises(AutopruneError, match="weights need a model"):
         load_model(None, tmp_path / "vgg.pt")
 
 

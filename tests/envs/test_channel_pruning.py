@@ -6,13 +6,13 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import envs
+import autoprune.envs
 from autoprune.budgets import parse_budget
 from autoprune.costs import count_cost
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pruning import describe_network
-from envs.channel_pruning import OBSERVATION_FEATURES, REWARDS, ChannelPruningEnv
+from autoprune.envs.channel_pruning import OBSERVATION_FEATURES, REWARDS, ChannelPruningEnv
 
 FAST = EvaluatorConfig(bn_batches=2, bn_batch_size=32, val_images=64)
 
@@ -40,7 +40,7 @@ def test_passes_gymnasium_and_sb3_checkers_without_warnings(evaluator):
 
 
 def test_registered_with_a_versioned_id(evaluator):
-    env = gym.make(envs.ENV_ID, evaluator=evaluator, budget=parse_budget("50%flops"))
+    env = gym.make(autoprune.envs.ENV_ID, evaluator=evaluator, budget=parse_budget("50%flops"))
     assert isinstance(env.unwrapped, ChannelPruningEnv)
     assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (13,)
 
@@ -94,7 +94,7 @@ def test_latency_budget_is_met_through_the_lut(evaluator, formula_lut):
 
 
 def env_result(info):
-    from envs.channel_pruning import EpisodeResult
+    from autoprune.envs.channel_pruning import EpisodeResult
 
     return EpisodeResult(accuracy=info["accuracy"], flops=info["flops"], params=info["params"],
                          latency_ms=info["latency_ms"])

@@ -6,12 +6,13 @@ import shutil
 import pandas as pd
 import pytest
 
-from agents.baselines import run_random, run_uniform
-from autoprune.budgets import parse_budget
-from autoprune.compare import COLUMNS, load_runs, notes, pareto_front, to_markdown, write_comparison
+from autoprune.agents.baselines import run_random, run_uniform
+from autoprune.budgets import Constraint, parse_budget
+from autoprune.comparison import COLUMNS, load_runs, notes, pareto_front, to_markdown, write_comparison
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from autoprune.report import finish_run
+from autoprune.pipeline.finish import finish_run
+from autoprune.pipeline.protocol import SearcherResult
 from autoprune.runs import Run
 from autoprune.train import TrainConfig
 
@@ -32,9 +33,13 @@ def finished_runs(tmp_path_factory, trained_tiny, synthetic_data):
         run = Run.create(root / agent, {"agent": agent, "budget": budget_text, "model": "tiny", "weights": None,
                                         "data": synthetic_data.name, "seed": 0,
                                         "groups": [g.name for g in evaluator.description.groups]})
-        result = search(run, evaluator, budget)
-        finish_run(run, evaluator, result["policy"], budget=budget, finetune=FINETUNE, progress=False,
-                   search_seconds=1.0)
+        found = search(run, evaluator, budget)
+        constraint = Constraint(budget, evaluator.description)
+        result = SearcherResult(policy=found["policy"], channels=constraint.channels(found["policy"]),
+                                score=found["accuracy"], cost_ratio=found["cost_ratio"],
+                                evaluations=evaluator.evaluations)
+        finish_run(run, evaluator, result, constraint, finetune=FINETUNE, progress=False, search_seconds=1.0,
+                   onnx=False)
         paths.append(run.path)
     return paths
 
@@ -121,7 +126,7 @@ def test_measured_latency_uses_the_lut_runtime_and_says_when_the_device_differs(
     import torch
 
     from autoprune.latency import LatencyTable, cpu_id, cpu_model, this_device
-    from autoprune.report import measure_latency
+    from autoprune.latency import measure_latency
 
     threads = torch.get_num_threads()
     cpus = os.sched_getaffinity(0)
@@ -153,7 +158,7 @@ def test_compare_notes_say_which_latencies_were_not_measured_on_the_lut_device(f
 def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel():
     import torch.nn as nn
 
-    from autoprune.report import measure_latency
+    from autoprune.latency import measure_latency
 
     class Local(nn.Module):  # defined in a function: cannot be pickled for another process
         def __init__(self):
@@ -176,7 +181,7 @@ def test_a_script_without_a_main_guard_still_gets_its_latency(tmp_path):
 
     script = tmp_path / "unguarded.py"
     script.write_text("import torch.nn as nn\n"
-                      "from autoprune.report import measure_latency\n"
+                      "from autoprune.latency import measure_latency\n"
                       "result = measure_latency([nn.Sequential(nn.Conv2d(1, 2, 3))], (1, 8, 8))\n"
                       "print('ms', result['ms'][0] > 0, result['settings']['process'][:8])\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -1,0 +1,172 @@
+"""The finishing stage of every search: the best policy becomes a network you can keep.
+
+Prune the base model by the best policy (or take the searcher's own network), recalibrate
+BatchNorm, fine-tune, measure accuracy and latency, export (a trainable `model.pt`, the
+inference program `model.pt2`, `model.onnx` checked against torch), and write the
+metrics, the keep-ratio plot and the report into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch.nn as nn
+
+from autoprune.budgets import Constraint
+from autoprune.costs import count_cost
+from autoprune.errors import AutopruneError
+from autoprune.evaluation import PolicyEvaluator
+from autoprune.export import check_onnx, export_onnx, save_pruned_model, save_trainable
+from autoprune.latency import measure_latency
+from autoprune.report import write_report
+from autoprune.runs import Run
+from autoprune.pipeline.protocol import SearcherResult
+from autoprune.train import TrainConfig, epoch_steps, evaluate, recalibrate_bn, recalibration_note, train
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE, PROGRAM_FILE, ONNX_FILE = "model.pt", "model.pt2", "model.onnx"
+ONNX_TOLERANCE = 1e-3  # largest |ONNX Runtime - torch| on the logits for the export to count as checked
+
+EXTRA_BATCH_SIZE = 64  # equal training's extra steps: the batch size of NetAdapt's short-term fine-tunes
+
+
+def finetune_steps(config: TrainConfig, train_images: int) -> int:
+    """SGD steps `train` takes with `config` on a training split of `train_images` images."""
+    return config.epochs * epoch_steps(config, train_images)
+
+
+def _accuracy(model: nn.Module, data, split: str) -> float | None:
+    """Accuracy on a split, None when the split is empty (a search given no test set)."""
+    return evaluate(model, data, split)["accuracy"] if len(getattr(data, split)) else None
+
+
+def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, constraint: Constraint, *,
+               finetune: TrainConfig, equal_steps: int = 0, search_seconds: float = 0.0,
+               progress: bool = True, onnx: bool = True) -> tuple[dict, nn.Module]:
+    """Finish a search whose best policy is `result.policy`; returns (metrics, the network).
+
+    `result.model`, when given, is the pruned network the search already built (NetAdapt's,
+    short-term fine-tuned; Torch-Pruning's): it is long-term fine-tuned instead of pruning
+    the base model again; its BN statistics are still recalibrated before the "before
+    fine-tuning" accuracy is measured. `result.seconds` splits `search_seconds` (prune,
+    BN recalibration, validation, agent); `result.details` (the searcher's own figures)
+    goes into the metrics under "search".
+
+    Equal training: the network's SGD steps since pruning are recorded ("training": those
+    the search gave it, `result.training_steps`, plus the fine-tune's). With `equal_steps`
+    above that total, the fine-tuned network is measured ("as run"), then trained on for
+    the missing steps (batch EXTRA_BATCH_SIZE, cosine from the fine-tune's learning rate)
+    and measured again, so that runs of different searchers compare at the same amount of
+    training.
+    """
+    from autoprune.pruning import describe_network
+
+    data, description, lut = evaluator.data, evaluator.description, constraint.lut
+    shape = data.input_shape
+    base_model = evaluator.pruner.model
+    policy, model, budget = result.policy, result.model, constraint.budget
+    channels = dict(result.channels) or constraint.channels(policy)
+    base_cost, cost = count_cost(description), count_cost(description, channels)
+
+    if model is None:
+        pruned = evaluator.prune(policy)
+    else:
+        pruned = model
+        recalibrate_bn(pruned, data, num_batches=evaluator.config.bn_batches,
+                       batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
+    counted = count_cost(describe_network(pruned, shape))
+    if counted != cost:
+        log.warning("the pruned network counts %d FLOPs and %d params, the policy's accounting %d and %d; "
+                    "reporting the counted figures", counted.flops, counted.params, cost.flops, cost.params)
+        cost = counted
+    val_before = evaluate(pruned, data, "val")["accuracy"]
+    test_before = _accuracy(pruned, data, "test")
+    started = time.perf_counter()
+    history = train(pruned, data, finetune, state_path=run.state_dir / "finetune.state", progress=progress)
+    finetune_seconds = time.perf_counter() - started
+    search_steps = int(result.training_steps)
+    training = {"search_steps": search_steps, "search_batch_size": result.training_batch_size,
+                "finetune_steps": finetune_steps(finetune, len(data.train)), "finetune_batch_size": finetune.batch_size,
+                "extra_steps": 0, "extra_batch_size": EXTRA_BATCH_SIZE, "equal_steps": equal_steps}
+    as_run = {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
+              "test_accuracy": _accuracy(pruned, data, "test")}
+    missing = equal_steps - search_steps - training["finetune_steps"]
+    if equal_steps and missing > 0:
+        epochs = math.ceil(missing / math.ceil(len(data.train) / EXTRA_BATCH_SIZE))
+        extra = TrainConfig(epochs=epochs, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr, seed=finetune.seed + 1,
+                            max_steps_per_epoch=math.ceil(missing / epochs))
+        started_extra = time.perf_counter()
+        history += train(pruned, data, extra, state_path=run.state_dir / "extra.state", progress=progress)
+        finetune_seconds += time.perf_counter() - started_extra
+        training["extra_steps"] = finetune_steps(extra, len(data.train))
+    training["total_steps"] = search_steps + training["finetune_steps"] + training["extra_steps"]
+    final = as_run if not training["extra_steps"] else {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
+                                                          "test_accuracy": _accuracy(pruned, data, "test")}
+    latency = measure_latency([base_model, pruned], shape, lut)
+    evaluations = result.evaluations
+    metrics = {
+        "agent": run.config.get("agent"), "budget": str(budget), "budget_metric": budget.metric,
+        "base_flops": base_cost.flops, "flops": cost.flops, "flops_ratio": cost.flops / base_cost.flops,
+        "base_params": base_cost.params, "params": cost.params, "params_ratio": cost.params / base_cost.params,
+        "base_val_accuracy": evaluate(base_model, data, "val")["accuracy"],
+        "base_test_accuracy": _accuracy(base_model, data, "test"),
+        "val_accuracy_before_finetune": val_before, "test_accuracy_before_finetune": test_before,
+        "val_accuracy": final["val_accuracy"], "test_accuracy": final["test_accuracy"],
+        "test_accuracy_as_run": as_run["test_accuracy"], "val_accuracy_as_run": as_run["val_accuracy"],
+        "training": training,
+        "recalibration_note": recalibration_note(pruned),
+        "finetune_epochs": finetune.epochs, "finetune_seconds": round(finetune_seconds, 1),
+        "search_seconds": round(search_seconds, 1), "candidate_evaluations": evaluations,
+        "measured_latency_ms_base": latency["ms"][0], "measured_latency_ms": latency["ms"][1],
+        "measured_latency_ratio": latency["ms"][1] / latency["ms"][0],
+        "measured_latency_settings": latency["settings"], "measured_on": latency["settings"]["measured_on"],
+        "policy": policy, "channels": channels, "finetune_history": history,
+    }
+    if result.seconds:
+        metrics["search_breakdown_seconds"] = {key: round(value, 1) for key, value in result.seconds.items()}
+    metrics["search"] = {"accuracy": result.score, "cost_ratio": result.cost_ratio, **result.details}
+    if result.training_steps:
+        metrics["search"].update(training_steps=result.training_steps,
+                                 training_batch_size=result.training_batch_size)
+    if lut is not None:
+        metrics["lut_latency_ms_base"] = lut.predict_ms(description)
+        metrics["lut_latency_ms"] = lut.predict_ms(description, channels)
+        metrics["lut_latency_ratio"] = metrics["lut_latency_ms"] / metrics["lut_latency_ms_base"]
+    meta = {k: v for k, v in metrics.items() if k != "finetune_history"}
+    metrics["outputs"] = _export(run, pruned, shape, meta, onnx)
+    run.write_metrics(metrics)
+    score = metrics["test_accuracy"] if metrics["test_accuracy"] is not None else metrics["val_accuracy"]
+    run.plot_keep_ratios(policy, channels, f"{run.config.get('agent', '')} at {budget}: "
+                                           f"{100 * metrics['flops_ratio']:.1f} % FLOPs, "
+                                           f"{'test' if metrics['test_accuracy'] is not None else 'val'} "
+                                           f"{100 * score:.2f} %")
+    write_report(run, metrics)
+    return metrics, pruned
+
+
+def _export(run: Run, pruned: nn.Module, shape: tuple[int, int, int], meta: dict, onnx: bool) -> dict:
+    """Write the network in its three forms; returns what was written (for the metrics)."""
+    outputs = {"trainable": TRAINABLE_FILE, "trainable_kind": save_trainable(pruned, run.path / TRAINABLE_FILE,
+                                                                              shape, meta),
+               "program": PROGRAM_FILE}
+    save_pruned_model(pruned, run.path / PROGRAM_FILE, shape, meta=meta)
+    if not onnx:
+        outputs["onnx"] = None
+        return outputs
+    try:
+        export_onnx(pruned, run.path / ONNX_FILE, shape)
+        difference = check_onnx(pruned, run.path / ONNX_FILE, shape)
+    except AutopruneError as exc:
+        log.warning("no ONNX export: %s", exc)
+        (run.path / ONNX_FILE).unlink(missing_ok=True)
+        outputs.update(onnx=None, onnx_note=str(exc))
+        return outputs
+    outputs.update(onnx=ONNX_FILE, onnx_max_abs_difference=difference)
+    if difference > ONNX_TOLERANCE:
+        log.warning("model.onnx differs from the torch network by up to %.3g on the logits", difference)
+    return outputs
+
+
