@@ -23,7 +23,6 @@ from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
     import torch.nn as nn
 
     from autoprune.latency import LatencyTable

@@ -9,12 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from autoprune.errors import AutopruneError
-
-if TYPE_CHECKING:
-    from autoprune.budgets import Budget
 
 log = logging.getLogger(__name__)
 

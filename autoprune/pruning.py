@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 

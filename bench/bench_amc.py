@@ -1,7 +1,8 @@
 """AMC search benchmark: speed, and quality against uniform pruning at the same budget.
 
-For each model checkpoint, budget and seed it runs the DDPG search, then compares the
-best policy with the uniform policy solved for the same budget:
+For each model checkpoint, budget and seed it runs the DDPG search through the pipeline
+`autoprune search` runs (`autoprune.pipeline.stages.run_search`), and the uniform agent at
+the same budget, and compares them:
 - validation accuracy before fine-tuning (BN recalibrated, the whole validation split),
 - test accuracy after the same fine-tune,
 - search wall time, and the share spent outside the environment (the agent's own work).
@@ -22,27 +23,26 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import autoprune.envs  # noqa: F401
-from autoprune.agents.amc import run_amc
-from autoprune.agents.ddpg import AMCConfig
-from autoprune.budgets import DEFAULT_FILL, parse_budget, uniform_ratio_for_budget
-from autoprune.costs import policy_cost, uniform_policy
-from autoprune.data import load_data
-from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+from autoprune.budgets import DEFAULT_FILL
 from autoprune.latency import this_device
-from autoprune.models import DEFAULT_CHECKPOINT, load_model
-from autoprune.runs import Run
-from autoprune.train import TrainConfig, evaluate, train
-from autoprune.envs.channel_pruning import ChannelPruningEnv
+from autoprune.models import DEFAULT_CHECKPOINT
+from autoprune.pipeline.settings import SearchSettings
+from autoprune.pipeline.stages import resume_search, run_search
+from autoprune.runs import CONFIG, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_core import read_rows, write_section  # noqa: E402
+
+
+def parse_tag(budget_text: str) -> str:
+    from autoprune.budgets import parse_budget
+
+    return parse_budget(budget_text).tag
 
 
 def _fill(row: dict) -> float:
@@ -54,10 +54,11 @@ def _device(row: dict) -> str:
     return row.get("device", "AMD EPYC (family/model not recorded)")
 
 
-def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
-    model = evaluator.prune(policy)
-    train(model, evaluator.data, config, progress=False, eval_split="")
-    return evaluate(model, evaluator.data, "test")["accuracy"]
+def searched(settings: SearchSettings, path: Path) -> dict:
+    """The metrics of the pipeline's search into `path` (resumed if it was killed, read if finished)."""
+    if (path / CONFIG).is_file():
+        return resume_search(path).metrics
+    return run_search(settings, out=path).metrics
 
 
 def main() -> int:
@@ -72,6 +73,7 @@ def main() -> int:
     parser.add_argument("--fill", type=float, default=DEFAULT_FILL,
                         help="share of the budget each episode is steered to use (the environment's lower bound)")
     parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--score-steps", default="auto", help="as `autoprune search --score-steps`")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-amc", help="run directories of the searches")
     parser.add_argument("--rows", default=str(ROOT / "bench" / "results" / "amc_rows.jsonl"),
@@ -79,6 +81,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the rows file")
     args = parser.parse_args()
+    args.score_steps = args.score_steps if args.score_steps == "auto" else int(args.score_steps)
     torch.set_num_threads(args.threads)
     rows_file = Path(args.rows)
     rows_file.parent.mkdir(parents=True, exist_ok=True)
@@ -88,48 +91,38 @@ def main() -> int:
     device = this_device()
     done = {(_device(r), r["model"], r["budget"], _fill(r), r["seed"]) for r in rows}
     for name, path in ([] if args.report else checkpoints.items()):
-        model, meta = load_model(path)
-        data = load_data(meta.get("data", "fashion-mnist"))
         for budget_text in args.budgets.split(","):
-            budget = parse_budget(budget_text)
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (device, name, budget_text, args.fill, seed) in done:
                     continue  # measured by an earlier (or parallel) invocation
-                evaluator = PolicyEvaluator(model, data, EvaluatorConfig(val_images=args.val_images,
-                                                                         bn_batches=args.bn_batches, seed=seed))
-                env = ChannelPruningEnv(evaluator, budget, fill=args.fill)
-                run_path = Path(args.out) / (f"{name}-{budget.tag}-fill{args.fill:g}-seed{seed}-"
-                                             f"{datetime.date.today().isoformat()}")
-                run = Run.open(run_path, write=True) if run_path.is_dir() else Run.create(run_path, {"agent": "ddpg", "seed": seed})
-                started = time.perf_counter()
-                best = run_amc(run, env, AMCConfig(episodes=args.episodes, warmup_episodes=args.warmup_episodes),
-                               seed=seed, progress=True)
-                search_s = time.perf_counter() - started
-                history = run.read_history()
+                # the same pipeline as `autoprune search`: AMC's search, then uniform's at the same budget,
+                # each finished by the same fine-tune
+                common = dict(model=path, budget=budget_text, seed=seed, val_images=args.val_images,
+                              bn_batches=args.bn_batches, finetune_epochs=args.finetune_epochs, onnx=False)
+                stem = f"{name}-{parse_tag(budget_text)}-fill{args.fill:g}-seed{seed}-{datetime.date.today().isoformat()}"
+                amc = searched(SearchSettings(agent="ddpg", episodes=args.episodes, score_steps=args.score_steps,
+                                              warmup_episodes=args.warmup_episodes, fill=args.fill, **common),
+                               Path(args.out) / stem)
+                uniform = searched(SearchSettings(agent="uniform", **common), Path(args.out) / f"{stem}-uniform")
+                history = Run(Path(args.out) / stem).read_history()
                 warmup_best = max((float(r["accuracy"]) for r in history if str(r["warmup"]) == "True"), default=0.0)
-                timings = dict(evaluator.timings)
-                uniform = uniform_policy(evaluator.description, uniform_ratio_for_budget(budget, evaluator.description))
-                base_flops = policy_cost(evaluator.description, {}).flops
-                finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, seed=seed)
+                search_s, parts = amc["search_seconds"], amc["search_breakdown_seconds"]
                 row = {
                     "device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                     "model": name, "budget": budget_text, "fill": args.fill, "seed": seed, "search_s": search_s,
                     "episodes": args.episodes, "warmup_episodes": args.warmup_episodes,
                     "val_images": args.val_images, "bn_batches": args.bn_batches, "threads": args.threads,
-                    "finetune_epochs": args.finetune_epochs,
+                    "finetune_epochs": args.finetune_epochs, "score_steps": args.score_steps,
                     "command": "python bench/bench_amc.py " + " ".join(sys.argv[1:]),
-                    "env_s": env.seconds, "eval_s": evaluator.seconds, "evaluations": evaluator.evaluations,
-                    "agent_share": max(0.0, search_s - env.seconds) / search_s,
-                    "prune_share": timings["prune"] / search_s, "bn_share": timings["bn_recalibration"] / search_s,
-                    "val_share": timings["validation"] / search_s,
-                    "best_episode": best["episode"], "best_search_acc": best["accuracy"],
+                    "evaluations": amc["candidate_evaluations"],
+                    "agent_share": parts["agent"] / search_s,
+                    "prune_share": parts["prune"] / search_s, "bn_share": parts["bn_recalibration"] / search_s,
+                    "val_share": parts["validation"] / search_s,
+                    "best_episode": amc["search"]["episode"], "best_search_acc": amc["search"]["accuracy"],
                     "warmup_best_acc": warmup_best,
-                    "amc_flops": policy_cost(evaluator.description, best["policy"]).flops / base_flops,
-                    "uniform_flops": policy_cost(evaluator.description, uniform).flops / base_flops,
-                    "amc_val": evaluate(evaluator.prune(best["policy"]), data, "val")["accuracy"],
-                    "uniform_val": evaluate(evaluator.prune(uniform), data, "val")["accuracy"],
-                    "amc_test_ft": finetuned_test_accuracy(evaluator, best["policy"], finetune),
-                    "uniform_test_ft": finetuned_test_accuracy(evaluator, uniform, finetune),
+                    "amc_flops": amc["flops_ratio"], "uniform_flops": uniform["flops_ratio"],
+                    "amc_val": amc["val_accuracy_before_finetune"], "uniform_val": uniform["val_accuracy_before_finetune"],
+                    "amc_test_ft": amc["test_accuracy"], "uniform_test_ft": uniform["test_accuracy"],
                 }
                 rows.append(row)
                 with open(rows_file, "a") as fh:

@@ -7,9 +7,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autoprune.costs import count_cost, group_choices, policy_channels, policy_cost, uniform_policy
-from autoprune.criteria import CRITERIA
-from autoprune.errors import AutopruneError
+from autoprune.costs import count_cost, policy_cost, uniform_policy
 from autoprune.pruning import ChannelPruner, describe_network
 from tests.archs import FIXED, random_net
 
