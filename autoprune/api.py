@@ -62,7 +62,7 @@ def _inputs(model, train, val, test, settings: dict):
     """The pipeline's inputs for objects given from Python (None: load what the settings name)."""
     import torch.nn as nn
 
-    from autoprune.data import DATASET_NAMES, bundle_from_datasets
+    from autoprune.data import DATASET_NAMES, bundle_from_datasets, is_image_folder
     from autoprune.pipeline.stages import Inputs
     from autoprune.train import check_model_fits
 
@@ -72,11 +72,13 @@ def _inputs(model, train, val, test, settings: dict):
     if isinstance(model, str):
         settings["model"] = model
         model = None
-    if isinstance(train, str):
-        if train not in DATASET_NAMES:
-            raise AutopruneError(f"unknown data set {train!r}; give Datasets, or one of {', '.join(DATASET_NAMES)}")
+    if isinstance(train, (str, os.PathLike)):
+        train = str(train)
+        if train not in DATASET_NAMES and not is_image_folder(train):
+            raise AutopruneError(f"unknown data set {train!r}; give Datasets, an image folder, or one of "
+                                 f"{', '.join(DATASET_NAMES)}")
         if val is not None or test is not None:
-            raise AutopruneError("with a built-in data set's name, its own validation and test splits are used; "
+            raise AutopruneError("with a data set's name or folder, its own validation and test splits are used; "
                                  "leave val and test out")
         settings["data"] = train
         train = None

@@ -31,8 +31,11 @@ examples:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
-                   help="fashion-mnist, mnist, cifar10 or synthetic (default: what the model was trained on, "
+                   help="fashion-mnist, mnist, cifar10, synthetic, or an image folder DIR (DIR/train/<class>/"
+                        "<images>, optional DIR/val/ and DIR/test/) (default: what the model was trained on, "
                         "else fashion-mnist)")
+    p.add_argument("--image-size", type=pos_int, default=None,
+                   help="image folders: resize (shorter side) and centre-crop every image to this square size")
     p.add_argument("--data-dir", default=None, help="directory holding the data set's files")
     p.add_argument("--no-download", action="store_true", help="never download missing data files")
     p.add_argument("--val-size", type=nonneg_int, default=5000, help="images held out from training for validation")
@@ -43,13 +46,6 @@ def _add_model_args(p: argparse.ArgumentParser, default_help: str = "the shipped
                    help=f"zoo name (resnet20, resnet56, vgg, mobilenetv1, mobilenetv2), package.module:factory, "
                         f"or a saved model/checkpoint file (default: {default_help})")
     p.add_argument("--weights", default=None, help="weights (state dict or autoprune checkpoint) for --model")
-
-
-def _load_data(args, meta: dict | None = None):
-    from autoprune.data import load_data
-
-    name = args.data or (meta or {}).get("data") or "fashion-mnist"
-    return load_data(name, args.data_dir, val_size=args.val_size, download=not args.no_download)
 
 
 def _load_model_for(args, data=None):
@@ -68,7 +64,7 @@ def _model_and_data(args):
     from autoprune.pipeline.settings import SearchSettings
 
     inputs = load_inputs(SearchSettings(model=args.model, weights=args.weights, data=args.data,
-                                        data_dir=args.data_dir, val_size=args.val_size),
+                                        data_dir=args.data_dir, val_size=args.val_size, image_size=args.image_size),
                          download=not args.no_download)
     return inputs.model, inputs.meta, inputs.data
 
@@ -81,7 +77,7 @@ def cmd_train(args) -> int:
     from autoprune.train import TrainConfig, evaluate, seed_everything, train
 
     data = load_data(args.data or "fashion-mnist", args.data_dir, val_size=args.val_size,
-                     download=not args.no_download)
+                     download=not args.no_download, image_size=args.image_size)
     c, h, _ = data.input_shape
     seed_everything(args.seed)  # before the model is built: its initial weights come from the seed too
     model = build_model(args.model, in_channels=c, num_classes=data.num_classes, input_size=h,
@@ -89,17 +85,19 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, augment=not args.no_augment,
                          max_steps_per_epoch=args.max_steps)
-    out = Path(args.out or f"checkpoints/{args.model}-{data.name}.pt")
+    out = Path(args.out or f"checkpoints/{args.model}-{Path(data.name).name}.pt")
     state_path = out.with_name(out.name + ".state")
     started = time.perf_counter()
     history = train(model, data, config, state_path=state_path, progress=not args.quiet)
     val = evaluate(model, data, "val")["accuracy"] if len(data.val) else None
-    test = evaluate(model, data, "test")["accuracy"]
-    save_checkpoint(out, model, data=data.name, val_accuracy=val, test_accuracy=test,
+    test = evaluate(model, data, "test")["accuracy"] if len(data.test) else None
+    save_checkpoint(out, model, data=data.name, image_size=data.meta.get("image_size"), val_accuracy=val,
+                    test_accuracy=test,
                     train_config=vars(config), history=history,
                     command="autoprune " + " ".join(shlex.quote(a) for a in args.argv))
     state_path.unlink(missing_ok=True)
-    print(f"{args.model} on {data.name}: test accuracy {test:.4f}"
+    print(f"{args.model} on {data.name}: "
+          + (f"test accuracy {test:.4f}" if test is not None else "no test split")
           + (f", validation {val:.4f}" if val is not None else "")
           + f", {time.perf_counter() - started:.0f} s -> {out}")
     return 0

@@ -367,13 +367,16 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
               val_size: int = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
               download: bool = True, base_url: str | None = None,
               synthetic_size: tuple[int, int] = (2000, 500),
-              synthetic_shape: tuple[int, int] = (1, 28)) -> DataBundle:
-    """Load a data set by name and hold out a validation split from its training set.
+              synthetic_shape: tuple[int, int] = (1, 28), image_size: int | None = None) -> DataBundle:
+    """Load a data set by name (or an image folder, see `load_image_folder`) and hold out a
+    validation split from its training set.
 
     Files are read from `data_dir` (or the data set's default directory). Missing files
     are downloaded from the canonical location (or `base_url`) when `download` is true,
     with MD5 verification.
     """
+    if name not in SPECS and name != "synthetic" and is_image_folder(name):
+        return load_image_folder(name, image_size=image_size, val_size=val_size, split_seed=split_seed)
     if name == "synthetic":
         channels, size = synthetic_shape
         train_x, train_y, test_x, test_y = make_synthetic(*synthetic_size, channels=channels, size=size)
@@ -383,7 +386,8 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
     else:
         spec = SPECS.get(name)
         if spec is None:
-            raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+            raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}, or give an "
+                                 "image folder (DIR/train/<class>/<image files>)")
         directory = Path(data_dir) if data_dir is not None else Path(spec.default_dir)
         if data_dir is not None and not directory.is_dir() and not download:
             raise AutopruneError(f"data directory {directory} does not exist")
@@ -418,10 +422,12 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
     )
 
 
-def input_shape_for(name: str) -> tuple[int, int, int]:
+def input_shape_for(name: str, image_size: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of one image of a named data set, without loading it."""
     if name == "synthetic":
         return (1, 28, 28)
+    if name not in SPECS and is_image_folder(name):
+        return load_image_folder(name, image_size=image_size).input_shape
     spec = SPECS.get(name)
     if spec is None:
         raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -508,3 +514,144 @@ def bundle_from_datasets(train, val, test=None, *, num_classes: int | None = Non
         test_split = Split(train_x[:0], splits["train"].labels[:0])
     return DataBundle(name=name, train=splits["train"], val=splits["val"], test=test_split, mean=mean, std=std,
                       num_classes=classes, meta={"source": "given from Python", "dtype": str(train_x.dtype)})
+
+
+# ---------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_image_folder(name: str | os.PathLike) -> bool:
+    """True when `name` is a directory laid out as DIR/train/<class>/<images>."""
+    return Path(name).is_dir()
+
+
+def _class_files(directory: Path, split: str) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise AutopruneError(f"{directory} has no class folders; lay the images out as {directory.parent}/"
+                             f"{split}/<class>/<image files>")
+    return {c: sorted(p for p in (directory / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes image files with Pillow into uint8 C×H×W tensors; a file that cannot be read
+    gives None and the reason, so that the caller reports it in one line."""
+
+    def __init__(self, files: list[Path], mode: str, image_size: int | None):
+        self.files, self.mode, self.image_size = files, mode, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.files[i]) as opened:
+                image = opened.convert(self.mode)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            return None, f"{self.files[i]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if self.image_size is not None:  # the shorter side to the size, then the centre square
+            w, h = image.size
+            scale = self.image_size / min(w, h)
+            image = image.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
+                                 Image.BILINEAR)
+            w, h = image.size
+            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+            image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), None
+
+
+def _first_list(batch):
+    return batch  # keep images of different sizes apart; checked after decoding
+
+
+def _decode(files: list[Path], mode: str, image_size: int | None, split: str, workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, mode, image_size), batch_size=64, shuffle=False,
+                                         num_workers=workers, collate_fn=_first_list)
+    images, sizes = [], {}
+    for batch in loader:
+        for (image, problem), path in zip(batch, files[len(images):]):
+            if problem is not None:
+                raise AutopruneError(f"cannot read an image of the {split} split: {problem}")
+            sizes.setdefault(tuple(image.shape[1:]), path)
+            images.append(image)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({path.name})" for (h, w), path in list(sizes.items())[:3])
+        raise AutopruneError(f"the {split} images have different sizes ({shown}); give an image size to resize "
+                             "and centre-crop them to")
+    return torch.stack(images)
+
+
+def load_image_folder(directory: str | os.PathLike, *, image_size: int | None = None,
+                      val_size: int = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
+                      workers: int | None = None) -> DataBundle:
+    """A data set laid out as DIR/train/<class>/*.png|jpg (optional DIR/val/ and DIR/test/ with
+    the same classes), decoded with Pillow into memory.
+
+    Without val/, `val_size` images (at most a fifth of train) are held out from train with
+    the fixed split seed. Every image is converted to the first training image's colour
+    form (grey, RGB or RGBA); with `image_size`, resized (shorter side) and centre-cropped to
+    a square of that size, else all must share one size. Images are normalised with the
+    training split's per-channel mean and std. Without test/, the test split is empty.
+    """
+    root = Path(directory)
+    if not (root / "train").is_dir():
+        raise AutopruneError(f"{root} is not an image folder: it has no train/ directory (lay the images out as "
+                             f"{root}/train/<class>/<image files>, optionally {root}/val/ and {root}/test/)")
+    if image_size is not None and image_size < 1:
+        raise SettingError("image_size", f"must be at least 1, got {image_size}")
+    train_files = _class_files(root / "train", "train")
+    classes = list(train_files)
+    if not any(train_files.values()):
+        raise AutopruneError(f"{root / 'train'} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    empty = [c for c, files in train_files.items() if not files]
+    if empty:
+        raise AutopruneError(f"class folder(s) {', '.join(empty)} of {root / 'train'} hold no images")
+    splits = {"train": train_files}
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            found = _class_files(root / split, split)
+            if sorted(found) != classes:
+                raise AutopruneError(f"the classes of {root / split} ({', '.join(sorted(found))}) differ from those "
+                                     f"of {root / 'train'} ({', '.join(classes)})")
+            splits[split] = found
+    from PIL import Image
+
+    first = next(f for files in train_files.values() for f in files)
+    try:
+        with Image.open(first) as opened:
+            mode = "L" if opened.mode in ("1", "L", "I", "I;16", "F") else \
+                "RGBA" if opened.mode in ("RGBA", "LA") or "transparency" in opened.info else "RGB"
+    except OSError as exc:
+        raise AutopruneError(f"cannot read an image of the train split: {first}: {exc}") from None
+    if workers is None:  # the CPUs this process may run on (it may be pinned), at most two
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(2, usable) if usable > 1 else 0
+    tensors = {}
+    for split, by_class in splits.items():
+        files = [f for c in classes for f in by_class[c]]
+        labels = torch.tensor([i for i, c in enumerate(classes) for _ in by_class[c]], dtype=torch.int64)
+        tensors[split] = Split(_decode(files, mode, image_size, split, workers), labels)
+    shapes = {split: tuple(s.images.shape[1:]) for split, s in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise AutopruneError(f"the splits' images differ in size ({shapes}); give an image size to resize them to")
+    if "val" not in tensors:
+        train = tensors["train"]
+        held = min(val_size, len(train) // 5)
+        train_idx, val_idx = split_indices(len(train), held, split_seed)
+        tensors["train"] = Split(train.images[train_idx], train.labels[train_idx])
+        tensors["val"] = Split(train.images[val_idx], train.labels[val_idx])
+    if "test" not in tensors:
+        tensors["test"] = Split(tensors["train"].images[:0], tensors["train"].labels[:0])
+    channels = tensors["train"].images.shape[1]
+    scaled = tensors["train"].images.float().div_(255.0).transpose(0, 1).reshape(channels, -1)
+    mean, std = tuple(scaled.mean(1).tolist()), tuple(max(v, 1e-6) for v in scaled.std(1).tolist())
+    return DataBundle(name=str(root.resolve()), train=tensors["train"], val=tensors["val"], test=tensors["test"],
+                      mean=mean, std=std, num_classes=len(classes),
+                      meta={"source": str(root.resolve()), "classes": classes, "image_size": image_size,
+                            "mode": mode, "val_size": len(tensors["val"]), "split_seed": split_seed})

@@ -273,8 +273,8 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     exported = getattr(model, "autoprune_inference_only", None)
     if exported:
         raise AutopruneError(f"{exported} is an inference-only torch.export program: it can be evaluated, not "
-                             "described or pruned; to prune further, replay its run's best_policy.json on the base "
-                             "model")
+                             "described or pruned; to prune or train further, use model.pt from the same run "
+                             "directory (the trainable network), or replay its best_policy.json on the base model")
     example = _example(input_shape)
     trace = _trace(model, example)
     graph = _build_graph(model, example)

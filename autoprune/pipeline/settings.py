@@ -64,8 +64,12 @@ class SearchSettings:
     weights: str | None = setting(None, "weights (state dict or autoprune checkpoint) for the model", kind=str,
                                   optional=True)
     data: str | None = setting(
-        None, "fashion-mnist, mnist, cifar10 or synthetic (default: what the model was trained on, else "
-              "fashion-mnist)", kind=str, optional=True)
+        None, "fashion-mnist, mnist, cifar10, synthetic, or an image folder DIR (DIR/train/<class>/<images>, "
+              "optional DIR/val/ and DIR/test/) (default: what the model was trained on, else fashion-mnist)",
+        kind=str, optional=True)
+    image_size: int | None = setting(None, "image folders: resize (shorter side) and centre-crop every image to "
+                                           "this square size (default: keep the size, which all must share)",
+                                     kind=int, low=1, optional=True)
     data_dir: str | None = setting(None, "directory holding the data set's files", kind=str, optional=True)
     val_size: int = setting(5000, "images held out from training for validation", kind=int, low=0)
     criterion: str | None = setting(

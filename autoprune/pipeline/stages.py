@@ -58,7 +58,8 @@ def load_inputs(settings: SearchSettings, *, download: bool = True) -> Inputs:
 
     def data_for(meta: dict | None):
         name = settings.data or (meta or {}).get("data") or "fashion-mnist"
-        return load_data(name, settings.data_dir, val_size=settings.val_size, download=download)
+        size = settings.image_size or (meta or {}).get("image_size") if not settings.data else settings.image_size
+        return load_data(name, settings.data_dir, val_size=settings.val_size, download=download, image_size=size)
 
     if settings.model in ZOO:
         data = data_for(None)
