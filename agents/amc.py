@@ -182,7 +182,8 @@ class DDPGSearcher(BaseSearcher):
         self.env = ChannelPruningEnv(context.evaluator, context.constraint.budget, lut=context.lut,
                                      lower_bound=s.lower_bound, reward=s.reward, fill=s.fill,
                                      action_mapping=s.action_mapping)
-        self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes)
+        self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes,
+                                device=context.evaluator.config.device)
         return None
 
     def run(self, run: Run) -> SearcherResult:

@@ -59,6 +59,7 @@ class AMCConfig:
     noise_floor: float = 0.1  # σ never decays below this (AMC's schedule has no floor: 0)
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
     buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
+    device: str = "cpu"  # where the actor and critic run
 
 
 class TruncatedNormalNoise(ActionNoise):
@@ -247,11 +248,11 @@ class EpisodeTracker(BaseCallback):
         the critic's estimate of the first state under the actor's action."""
         if not self._trace:
             return {}
-        observations = torch.as_tensor(np.stack([t[0] for t in self._trace]))
+        observations = torch.as_tensor(np.stack([t[0] for t in self._trace]), device=self.model.device)
         with torch.no_grad():
             actor = self.model.actor(observations)
             q_first = self.model.critic.q1_forward(observations[:1], actor[:1])
-        actor = actor.numpy().reshape(-1)
+        actor = actor.cpu().numpy().reshape(-1)
         return {"actor_action": round(float(actor.mean()), 4), "actor_spread": round(float(actor.std()), 4),
                 "sampled_action": round(float(np.mean([t[1] for t in self._trace])), 4),
                 "effective_action": round(float(np.mean([t[2] for t in self._trace])), 4),
@@ -290,7 +291,7 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
         # fused Adam: one kernel per step instead of a loop over tensors, ~20 % off an update on CPU
         policy_kwargs={"net_arch": {"pi": list(config.hidden), "qf": list(config.hidden)},
                        "optimizer_kwargs": {"fused": True}},
-        seed=seed, device="cpu", verbose=0)
+        seed=seed, device=config.device, verbose=0)
     # a logger of our own writes nowhere: SB3's default makes an empty directory in /tmp per learn()
     agent.set_logger(Logger(folder=None, output_formats=[]))
     return agent, noise

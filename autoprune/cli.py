@@ -73,15 +73,17 @@ def _model_and_data(args):
 
 def cmd_train(args) -> int:
     from autoprune.data import load_data
+    from autoprune.devices import resolve_device
     from autoprune.models import build_model, save_checkpoint
     from autoprune.train import TrainConfig, evaluate, seed_everything, train
 
+    device = resolve_device(args.device)
     data = load_data(args.data or "fashion-mnist", args.data_dir, val_size=args.val_size,
                      download=not args.no_download, image_size=args.image_size)
     c, h, _ = data.input_shape
     seed_everything(args.seed)  # before the model is built: its initial weights come from the seed too
     model = build_model(args.model, in_channels=c, num_classes=data.num_classes, input_size=h,
-                        width_mult=args.width)
+                        width_mult=args.width).to(device)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, augment=not args.no_augment,
                          max_steps_per_epoch=args.max_steps)
@@ -91,6 +93,7 @@ def cmd_train(args) -> int:
     history = train(model, data, config, state_path=state_path, progress=not args.quiet)
     val = evaluate(model, data, "val")["accuracy"] if len(data.val) else None
     test = evaluate(model, data, "test")["accuracy"] if len(data.test) else None
+    model.cpu()
     save_checkpoint(out, model, data=data.name, image_size=data.meta.get("image_size"), val_accuracy=val,
                     test_accuracy=test,
                     train_config=vars(config), history=history,
@@ -467,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="no random crops or flips")
     p.add_argument("--max-steps", type=pos_int, default=None, help="cap SGD steps per epoch (quick runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/MODEL-DATA.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

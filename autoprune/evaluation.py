@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from autoprune.costs import policy_channels
 from autoprune.data import DataBundle
+from autoprune.devices import model_device
 from autoprune.errors import AutopruneError, SettingError
 from autoprune.pruning import ChannelPruner
 from autoprune.train import evaluate, recalibrate_bn
@@ -41,6 +42,7 @@ class EvaluatorConfig:
     score_steps: int = 0  # SGD steps on fixed training batches before a candidate is scored (0: none)
     score_lr: float = 0.01  # learning rate of those steps (cosine to 0)
     score_batch_size: int = 64  # images per step
+    device: str = "cpu"  # where candidates are fine-tuned, recalibrated and scored (pruning runs on the CPU)
 
 
 # a candidate scoring below this share of the unpruned network's accuracy after recalibration
@@ -85,13 +87,13 @@ class PolicyEvaluator:
         backward of some channels-last convolutions is unreliable in current PyTorch).
         """
         started = time.perf_counter()
-        model = self.pruner.prune(policy)
+        model = self.pruner.prune(policy).to(self.config.device)
         if self.config.score_steps > 0 and inference_only:
             tuned = time.perf_counter()
             self.short_finetune(model)
             self.timings["short_finetune"] = self.timings.get("short_finetune", 0.0) + time.perf_counter() - tuned
             started += time.perf_counter() - tuned  # counted apart from the pruning
-        if inference_only:
+        if inference_only and model_device(model).type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         pruned = time.perf_counter()
         recalibrate_bn(model, self.data, num_batches=self.config.bn_batches, batch_size=self.config.bn_batch_size,
@@ -114,6 +116,7 @@ class PolicyEvaluator:
         for step, (x, y) in enumerate(self._score_batches):
             for group in optimizer.param_groups:
                 group["lr"] = self.config.score_lr * 0.5 * (1 + math.cos(math.pi * step / len(self._score_batches)))
+            x, y = x.to(self.config.device), y.to(self.config.device)
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

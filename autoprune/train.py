@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from autoprune.data import DataBundle
+from autoprune.devices import model_device
 from autoprune.errors import AutopruneError
 from autoprune.io import atomic_torch_save
 
@@ -93,7 +94,7 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
     x, _ = next(data.batches("val" if len(data.val) else "train", 2))
     try:
         with torch.no_grad(), eval_mode(model):
-            out = model(x)
+            out = model(x.to(model_device(model)))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise AutopruneError(f"the model does not accept {data.name} images of shape {tuple(x.shape[1:])}: "
@@ -109,8 +110,10 @@ def evaluate(model: nn.Module, data: DataBundle, split: str = "test", *, batch_s
              limit: int | None = None) -> dict[str, float]:
     """Accuracy (fraction correct) and mean cross-entropy of `model` on a split."""
     correct, total, loss_sum = 0, 0, 0.0
+    device = model_device(model)
     with eval_mode(model):
         for x, y in data.batches(split, batch_size, limit=limit):
+            x, y = x.to(device), y.to(device)
             logits = model(x)
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -140,9 +143,10 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, *, num_batches: int = 20,
     was_training = model.training
     model.train()
     generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
     for x, _ in data.batches("train", batch_size, shuffle=True, generator=generator,
                              limit=num_batches * batch_size):
-        model(x)
+        model(x.to(device))
     for bn, momentum in zip(bns, saved_momentum):
         bn.momentum = momentum
     model.train(was_training)
@@ -215,7 +219,9 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
                                generator=generator, limit=steps_per_epoch * config.batch_size)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False, unit="step")
+        device = model_device(model)
         for x, y in bar:
+            x, y = x.to(device), y.to(device)
             logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)

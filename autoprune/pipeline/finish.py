@@ -8,6 +8,7 @@ metrics, the keep-ratio plot and the report into the run directory.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -74,10 +75,10 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     if model is None:
         pruned = evaluator.prune(policy)
     else:
-        pruned = model
+        pruned = model.to(evaluator.config.device)
         recalibrate_bn(pruned, data, num_batches=evaluator.config.bn_batches,
                        batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
-    counted = count_cost(describe_network(pruned, shape))
+    counted = count_cost(describe_network(copy.deepcopy(pruned).cpu(), shape))
     if counted != cost:
         log.warning("the pruned network counts %d FLOPs and %d params, the policy's accounting %d and %d; "
                     "reporting the counted figures", counted.flops, counted.params, cost.flops, cost.params)
@@ -105,6 +106,7 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     training["total_steps"] = search_steps + training["finetune_steps"] + training["extra_steps"]
     final = as_run if not training["extra_steps"] else {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
                                                           "test_accuracy": _accuracy(pruned, data, "test")}
+    pruned = pruned.cpu()  # timed and exported on the CPU
     latency = measure_latency([base_model, pruned], shape, lut)
     evaluations = result.evaluations
     metrics = {

@@ -101,6 +101,8 @@ class SearchSettings:
            "pruning, counting those the search gave it (0: off)", kind=int, low=0)
     onnx: bool = setting(True, "also export the fine-tuned network as model.onnx, checked in ONNX Runtime (needs "
                                "the onnx extra)", kind=bool)
+    device: str = setting("auto", "where training, BN recalibration, scoring and the agent run: auto (CUDA when "
+                                  "present, else the CPU), cpu, cuda, cuda:N or mps", kind=str)
     allow_other_device: bool = setting(False, "accept a latency budget on a LUT measured on another CPU", kind=bool)
     seed: int = setting(0, "drives everything: same seed, same policy", kind=int)
     episodes: int = setting(400, "episodes in all, warm-up included (AMC: 400)", kind=int, low=1, agents=("ddpg",),

@@ -16,6 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from autoprune.budgets import Budget, Constraint, parse_budget
+from autoprune.devices import resolve_device
 from autoprune.errors import AutopruneError
 from autoprune.pipeline.protocol import SearchContext
 from autoprune.pipeline.registry import make_searcher
@@ -78,6 +79,7 @@ def load_inputs(settings: SearchSettings, *, download: bool = True) -> Inputs:
 def check_settings(settings: SearchSettings):
     """Every check that needs no model or data; returns (budget, searcher)."""
     settings.check()
+    resolve_device(settings.device)  # a device this machine lacks is refused before anything is loaded
     if settings.budget is None:
         raise SettingError("budget", "a budget is required, e.g. 50%flops")
     budget = parse_budget(settings.budget)
@@ -136,7 +138,8 @@ def _prepare(settings: SearchSettings, searcher, budget: Budget, inputs: Inputs,
         check_lut_device(table, budget, settings.allow_other_device)
     evaluator = PolicyEvaluator(inputs.model, inputs.data, EvaluatorConfig(
         criterion=settings.criterion or searcher.default_criterion, channel_multiple=settings.channel_multiple,
-        bn_batches=settings.bn_batches, val_images=settings.val_images, seed=settings.seed))
+        bn_batches=settings.bn_batches, val_images=settings.val_images, seed=settings.seed,
+        device=str(resolve_device(settings.device))))
     description = evaluator.description
     if not description.groups:
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")

@@ -1,0 +1,72 @@
+"""One device setting through the pipeline; the CPU path is what runs here."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from autoprune.cli import main
+from autoprune.devices import resolve_device
+from autoprune.errors import SettingError
+from autoprune.models import save_checkpoint
+
+HAS_CUDA = torch.cuda.is_available()
+FAST = ["--data", "synthetic", "--val-size", "400", "--budget", "50%flops", "--agent", "ddpg", "--episodes", "3",
+        "--warmup-episodes", "2", "--val-images", "64", "--bn-batches", "2", "--finetune-epochs", "0", "--no-onnx",
+        "--quiet"]
+
+
+def test_devices_resolve_and_missing_ones_are_refused():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if HAS_CUDA else "cpu")
+    for name, message in (("tpu", "not a device"), ("cuda:99", "CUDA"), ("meta", "not supported")):
+        if name.startswith("cuda") and HAS_CUDA and torch.cuda.device_count() > 99:
+            continue
+        with pytest.raises(SettingError, match=message):
+            resolve_device(name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["search", *FAST], ["train", "--data", "synthetic", "--epochs", "1"]])
+def test_asking_for_cuda_without_it_is_one_line(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main([*command, "--device", "cuda", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--device: cuda: CUDA is not available" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, trained_tiny, data="synthetic")
+    return path
+
+
+@pytest.mark.slow
+def test_device_cpu_gives_the_policy_of_the_default(checkpoint, tmp_path):
+    policies = []
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"])):
+        assert main(["search", "--model", str(checkpoint), *FAST, *extra, "--out", str(tmp_path / name)]) == 0
+        policies.append(json.loads((tmp_path / name / "best_policy.json").read_text())["policy"])
+    if not HAS_CUDA:  # the default is the CPU here
+        assert policies[0] == policies[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_a_search_on_cuda_returns_the_network_on_cuda(trained_tiny, synthetic_data, tmp_path):
+    import autoprune
+    from torch.utils.data import TensorDataset
+
+    def split(s):
+        return TensorDataset(synthetic_data.normalize(s.images), s.labels)
+
+    result = autoprune.search(copy.deepcopy(trained_tiny).cuda(), split(synthetic_data.train), split(synthetic_data.val),
+                              budget="50%flops", agent="ddpg", episodes=3, warmup_episodes=2, finetune_epochs=1,
+                              val_images=64, device="cuda", onnx=False, out=tmp_path / "run", progress=False)
+    assert next(result.model.parameters()).is_cuda
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
