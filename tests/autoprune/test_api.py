@@ -239,3 +239,14 @@ def test_a_new_searcher_is_one_module_and_one_registry_line(user_setup, tmp_path
     finally:
         registry.unregister("toy")
         sys.modules.pop("toy_searcher", None)
+
+
+def test_build_lut_measures_a_table_for_a_user_module(user_setup, tmp_path):
+    model, _, _, _ = user_setup
+    table = autoprune.build_lut(model, torch.zeros(1, *SHAPE), out=tmp_path / "lut.json", channel_step=8,
+                                warmup=1, runs=3, rounds=1, calibration_samples=2, progress=False)
+    description = describe_network(model, SHAPE)
+    table.check_model(description)  # the table is this model's
+    half = {g.name: max(1, g.channels // 2) for g in description.groups}
+    assert (tmp_path / "lut.json").is_file() and table.predict_ms(description) > 0
+    assert table.predict_ms(description, half) > 0
