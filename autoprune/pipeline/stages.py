@@ -172,6 +172,7 @@ def run_search(settings: SearchSettings, *, out: str | Path | None = None, input
     check_new_run_dir(path)  # where the run goes is checked before any work is done
     seed_everything(settings.seed)
     inputs = inputs if inputs is not None else load_inputs(settings, download=download)
+    seed_everything(settings.seed)  # loading may draw (a zoo model's initial weights): the search starts here
     evaluator, constraint, scoring, agent_config = _prepare(settings, searcher, budget, inputs, progress, None)
     config = {**settings.to_dict(), "criterion": evaluator.config.criterion, "model_name": inputs.model_name,
               "data": inputs.data.name, "groups": [g.name for g in evaluator.description.groups],
@@ -221,6 +222,7 @@ def resume_search(path: str | Path, *, changes: dict[str, Any] | None = None, in
                                  "same model and data (autoprune.search(..., resume=PATH))")
         seed_everything(settings.seed)
         inputs = inputs if inputs is not None else load_inputs(settings, download=False)
+        seed_everything(settings.seed)
         evaluator, constraint, _, agent_config = _prepare(settings, searcher, budget, inputs, progress,
                                                           saved.get("agent_config"))
         if agent_config is not None and agent_config != saved.get("agent_config"):
