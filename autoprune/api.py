@@ -17,8 +17,9 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from autoprune.devices import model_device
 from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -36,14 +37,6 @@ class SearchResult:
     policy: dict[str, float]  # group -> keep ratio
     metrics: dict  # the run's metrics.json
     run_dir: Path  # the run directory (config, history, model.pt / .pt2 / .onnx, report)
-
-
-def _device_of(model) -> Any:
-    import torch
-
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _shape(example_input) -> tuple[int, int, int]:
@@ -162,7 +155,7 @@ def search(model=None, train=None, val=None, test=None, *, budget: str = "50%flo
                              command="autoprune.search(...)")
     pruned = outcome.model
     if pruned is not None and hasattr(model, "parameters"):  # back on the device of the caller's model
-        pruned = pruned.to(_device_of(model))
+        pruned = pruned.to(model_device(model))
     return SearchResult(model=pruned, policy=dict(outcome.metrics["policy"]), metrics=outcome.metrics,
                         run_dir=Path(outcome.run.path))
 
@@ -182,7 +175,7 @@ def prune(model: nn.Module, policy: dict[str, float] | float, example_input, *, 
     if isinstance(policy, (int, float)):
         policy = uniform_policy(describe_network(base, shape), float(policy))
     pruned = apply_policy(base, policy, shape, criterion=criterion, channel_multiple=channel_multiple, seed=seed)
-    return pruned.to(_device_of(model))
+    return pruned.to(model_device(model))
 
 
 def finetune(model: nn.Module, train, val=None, *, epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
@@ -192,7 +185,7 @@ def finetune(model: nn.Module, train, val=None, *, epochs: int = 1, lr: float = 
     from autoprune.data import bundle_from_datasets
     from autoprune.train import TrainConfig, train as run_training
 
-    device = _device_of(model)
+    device = model_device(model)
     data = bundle_from_datasets(train, val if val is not None else train, num_classes=_classes(model, train))
     model.cpu()
     run_training(model, data, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=False),
