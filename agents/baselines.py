@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from autoprune.budgets import DEFAULT_FILL, Budget, Constraint, check_budget, uniform_ratio_for_budget
-from autoprune.costs import count_cost, policy_channels, uniform_policy
+from autoprune.budgets import DEFAULT_FILL, Budget, Constraint, check_budget, cost_ratios, uniform_ratio_for_budget
+from autoprune.costs import policy_channels, uniform_policy
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_write_json
@@ -45,13 +45,7 @@ SENSITIVITY_FILE = "sensitivity.json"  # in the run directory: the curves, the t
 
 def _cost_ratios(evaluator: PolicyEvaluator, kept: Mapping[str, int], lut=None) -> dict:
     """FLOPs, parameter and (with a LUT) latency ratios of a channel plan to the unpruned network."""
-    description = evaluator.description
-    base, cost = count_cost(description), count_cost(description, kept)
-    latency = None
-    if lut is not None:
-        latency = lut.predict_ms(description, kept) / lut.predict_ms(description)
-    return {"flops_ratio": cost.flops / base.flops, "params_ratio": cost.params / base.params,
-            "latency_ratio": latency}
+    return cost_ratios(evaluator.description, kept, lut)
 
 
 def _budget_ratio(evaluator: PolicyEvaluator, budget: Budget, policy: Mapping[str, float], lut=None) -> float:

@@ -118,6 +118,16 @@ def resource_value(metric: str, description, kept, lut=None) -> float:
     return float(cost.flops if metric == "flops" else cost.params)
 
 
+def cost_ratios(description, kept, lut=None) -> dict[str, float | None]:
+    """FLOPs, parameter and (with a LUT) latency of a channel plan over the unpruned network's."""
+    from autoprune.costs import count_cost
+
+    base, cost = count_cost(description), count_cost(description, kept)
+    latency = None if lut is None else lut.predict_ms(description, kept) / lut.predict_ms(description)
+    return {"flops_ratio": cost.flops / base.flops, "params_ratio": cost.params / base.params,
+            "latency_ratio": latency}
+
+
 class Constraint:
     """A budget bound to one network description: the unpruned value, the limit, and the
     value, fit and cost ratios of any channel plan ({group: channels kept}; groups left
@@ -158,15 +168,7 @@ class Constraint:
 
     def ratios(self, kept: Mapping[str, int]) -> dict[str, float | None]:
         """FLOPs, parameter and (with a LUT) latency of the plan over the unpruned network's."""
-        from autoprune.costs import count_cost
-
-        kept = {**self.full, **kept}
-        base, cost = count_cost(self.description), count_cost(self.description, kept)
-        latency = None
-        if self.lut is not None:
-            latency = self.lut.predict_ms(self.description, kept) / self.lut.predict_ms(self.description)
-        return {"flops_ratio": cost.flops / base.flops, "params_ratio": cost.params / base.params,
-                "latency_ratio": latency}
+        return cost_ratios(self.description, {**self.full, **kept}, self.lut)
 
     def check_reachable(self, floor: Mapping[str, int], lower_bound: float | None = None) -> None:
         """Refuse a budget that no plan keeping at least `floor` channels per group meets."""
