@@ -165,7 +165,7 @@ class DDPGSearcher(BaseSearcher):
     """AMC: DDPG on the channel-pruning environment (`run_amc`)."""
 
     name = "ddpg"
-    settings_read = ("episodes", "warmup_episodes", "reward", "fill", "action_mapping")
+    settings_read = ("episodes", "warmup_episodes", "reward", "fill", "action_mapping", "actor_penalty")
     ranks_candidates = True
 
     def check(self, settings) -> None:
@@ -182,7 +182,7 @@ class DDPGSearcher(BaseSearcher):
         self.env = ChannelPruningEnv(context.evaluator, context.constraint.budget, lut=context.lut,
                                      lower_bound=s.lower_bound, reward=s.reward, fill=s.fill,
                                      action_mapping=s.action_mapping)
-        self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes,
+        self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes, actor_penalty=s.actor_penalty,
                                 device=context.evaluator.config.device)
         return None
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
@@ -39,6 +40,8 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.td3.policies import TD3Policy
+
+from autoprune.errors import AutopruneError
 
 
 @dataclass
@@ -59,6 +62,7 @@ class AMCConfig:
     noise_floor: float = 0.1  # σ never decays below this (AMC's schedule has no floor: 0)
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
     buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
+    actor_penalty: float = 0.0  # weight of ½·mean(pre-tanh output²) in the actor's loss (0: DDPG's loss)
     device: str = "cpu"  # where the actor and critic run
 
 
@@ -164,8 +168,56 @@ class ActorLossCritic(ContinuousCritic):
                 p.requires_grad_(True)
 
 
+class _PenaltyGradient(torch.autograd.Function):
+    """Identity going forward; going back it adds the gradient of `weight`/2 · the batch
+    mean of x², as if that term were part of whatever loss is being differentiated."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x)
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad + ctx.weight * x / x.shape[0], None
+
+
+class PreActivationPenalty(nn.Module):
+    """Sits between the actor's last linear layer and its tanh. It changes no output; the
+    actor's loss gains `weight`/2 · mean(pre-activation²), which keeps the actor off the
+    flat ends of its tanh, where the critic's gradient no longer reaches it. (At 50 %
+    latency the actor drove every group to −1 and stayed there: BENCHMARKS.md.) Only
+    the actor's update differentiates through it: the critic's targets use the target
+    actor without gradients."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight <= 0 or not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        return _PenaltyGradient.apply(x, self.weight)
+
+
 class AMCPolicy(TD3Policy):
-    """SB3's TD3/DDPG actor-critic policy with an `ActorLossCritic`."""
+    """SB3's TD3/DDPG actor-critic policy with an `ActorLossCritic`, and with a
+    `PreActivationPenalty` before the actor's tanh when `actor_penalty` > 0."""
+
+    def __init__(self, *args, actor_penalty: float = 0.0, **kwargs):
+        self.actor_penalty = actor_penalty
+        super().__init__(*args, **kwargs)
+
+    def make_actor(self, features_extractor=None):
+        actor = super().make_actor(features_extractor)
+        if self.actor_penalty > 0:
+            layers = list(actor.mu)
+            if not isinstance(layers[-1], nn.Tanh):
+                raise AutopruneError("the actor does not end in a tanh; cannot place the pre-activation penalty")
+            actor.mu = nn.Sequential(*layers[:-1], PreActivationPenalty(self.actor_penalty), layers[-1])
+        return actor
 
     def make_critic(self, features_extractor=None) -> ActorLossCritic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
@@ -284,13 +336,14 @@ def make_agent(env, config: AMCConfig, seed: int = 0) -> tuple[AMCDDPG, Truncate
     noise = TruncatedNormalNoise(config.noise_sigma, config.noise_decay, seed=seed, floor=config.noise_floor)
     agent = AMCDDPG(
         AMCPolicy, env, learning_rate=config.critic_lr, actor_lr=config.actor_lr, critic_lr=config.critic_lr,
-        buffer_size=max(1, min(config.buffer_episodes, config.episodes)) * steps, learning_starts=config.warmup_episodes * steps,
+        # the same size whatever the number of episodes, so that a resumed search may run more of them
+        buffer_size=config.buffer_episodes * steps, learning_starts=config.warmup_episodes * steps,
         batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=(1, "episode"),
         gradient_steps=-1, action_noise=noise, replay_buffer_class=EpisodeRewardBuffer,
         replay_buffer_kwargs={"moving_alpha": config.moving_alpha},
         # fused Adam: one kernel per step instead of a loop over tensors, ~20 % off an update on CPU
         policy_kwargs={"net_arch": {"pi": list(config.hidden), "qf": list(config.hidden)},
-                       "optimizer_kwargs": {"fused": True}},
+                       "optimizer_kwargs": {"fused": True}, "actor_penalty": config.actor_penalty},
         seed=seed, device=config.device, verbose=0)
     # a logger of our own writes nowhere: SB3's default makes an empty directory in /tmp per learn()
     agent.set_logger(Logger(folder=None, output_formats=[]))
@@ -352,9 +405,14 @@ def restore_agent_state(agent: AMCDDPG, tracker: EpisodeTracker, state: dict) ->
     agent.num_timesteps, agent._n_updates = counters["num_timesteps"], counters["n_updates"]
     agent._episode_num = counters["episode_num"]
     buffer, saved = agent.replay_buffer, state["buffer"]
+    filled = len(saved["observations"])
+    if filled > buffer.buffer_size:
+        raise AutopruneError(f"the saved replay buffer holds {filled} transitions, this agent's {buffer.buffer_size}")
     for name in BUFFER_FIELDS:
-        getattr(buffer, name)[:len(saved[name])] = saved[name]
+        getattr(buffer, name)[:filled] = saved[name]
     buffer.pos, buffer.full, buffer.baseline = saved["pos"], saved["full"], saved["baseline"]
+    if buffer.full and filled < buffer.buffer_size:  # a smaller buffer (states written before its size was fixed)
+        buffer.pos, buffer.full = filled, False
     tracker.noise.sigma = state["noise"]["sigma"]
     tracker.noise.rng.bit_generator.state = state["noise"]["rng"]
     tracker.episode, tracker.best = state["tracker"]["episode"], state["tracker"]["best"]

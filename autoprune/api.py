@@ -55,7 +55,7 @@ def _inputs(model, train, val, test, settings: dict):
     """The pipeline's inputs for objects given from Python (None: load what the settings name)."""
     import torch.nn as nn
 
-    from autoprune.data import DATASET_NAMES, bundle_from_datasets, is_image_folder
+    from autoprune.data import DATASET_NAMES, bundle_from_datasets, is_data_factory, is_image_folder
     from autoprune.pipeline.stages import Inputs
     from autoprune.train import check_model_fits
 
@@ -67,9 +67,9 @@ def _inputs(model, train, val, test, settings: dict):
         model = None
     if isinstance(train, (str, os.PathLike)):
         train = str(train)
-        if train not in DATASET_NAMES and not is_image_folder(train):
-            raise AutopruneError(f"unknown data set {train!r}; give Datasets, an image folder, or one of "
-                                 f"{', '.join(DATASET_NAMES)}")
+        if train not in DATASET_NAMES and not is_image_folder(train) and not is_data_factory(train):
+            raise AutopruneError(f"unknown data set {train!r}; give Datasets, an image folder, "
+                                 f"package.module:factory, or one of {', '.join(DATASET_NAMES)}")
         if val is not None or test is not None:
             raise AutopruneError("with a data set's name or folder, its own validation and test splits are used; "
                                  "leave val and test out")
@@ -179,18 +179,17 @@ def prune(model: nn.Module, policy: dict[str, float] | float, example_input, *, 
 
 
 def finetune(model: nn.Module, train, val=None, *, epochs: int = 1, lr: float = 0.01, batch_size: int = 256,
-             seed: int = 0, progress: bool = True) -> nn.Module:
-    """Train `model` in place on `train` (SGD with Nesterov momentum, cosine learning rate) and
-    return it; `val` defaults to `train` and is only used for the reported accuracy."""
+             seed: int = 0, amp: bool = False, progress: bool = True) -> nn.Module:
+    """Train `model` in place, on its own device, on `train` (SGD with Nesterov momentum, cosine
+    learning rate) and return it; `val` defaults to `train` and is only used for the reported
+    accuracy. `amp`: mixed precision, on a CUDA device only."""
     from autoprune.data import bundle_from_datasets
     from autoprune.train import TrainConfig, train as run_training
 
-    device = model_device(model)
     data = bundle_from_datasets(train, val if val is not None else train, num_classes=_classes(model, train))
-    model.cpu()
-    run_training(model, data, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=False),
-                 progress=progress)
-    return model.to(device)
+    run_training(model, data, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=False,
+                                          amp=amp), progress=progress)
+    return model
 
 
 def describe(model: nn.Module, example_input) -> list[dict]:
@@ -207,11 +206,13 @@ def describe(model: nn.Module, example_input) -> list[dict]:
              "params_share": costs[g.name].params / max(1, total.params)} for g in description.groups]
 
 
-def build_lut(model: nn.Module, example_input, *, backend: str = "torch", threads: int = 1, batch: int = 1,
+def build_lut(model: nn.Module, example_input, *, backend: str = "torch", threads: int = 1, batch: int | None = None,
               out: str | os.PathLike | None = None, channel_step: int = 4, progress: bool = True,
               **options) -> LatencyTable:
     """Measure a latency lookup table for `model` on this machine (run it on the target device);
-    written to `out` (default latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json)."""
+    written to `out` (default latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json). `backend` is
+    torch, onnxruntime, openvino or torch-cuda; `batch` defaults to the backend's (1 on the
+    CPU, 64 on a GPU)."""
     from autoprune.latency import build_lut as measure, default_lut_path, get_backend
     from autoprune.pruning import describe_network
 
@@ -220,6 +221,7 @@ def build_lut(model: nn.Module, example_input, *, backend: str = "torch", thread
     if not description.groups:
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")
     runtime = get_backend(backend, threads)
+    batch = batch or runtime.default_batch
     path = Path(out) if out else default_lut_path(runtime, batch, type(model).__name__.lower())
     return measure(base, description, runtime, path, model_name=type(model).__name__, batch=batch,
                    channel_step=channel_step, progress=progress, **options)

@@ -9,7 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ examples:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
-                   help="fashion-mnist, mnist, cifar10, synthetic, or an image folder DIR (DIR/train/<class>/"
-                        "<images>, optional DIR/val/ and DIR/test/) (default: what the model was trained on, "
-                        "else fashion-mnist)")
+                   help="fashion-mnist, mnist, cifar10, synthetic, an image folder DIR (DIR/train/<class>/"
+                        "<images>, optional DIR/val/ and DIR/test/), or package.module:factory returning (train, "
+                        "val, test) torch Datasets (default: what the model was trained on, else fashion-mnist)")
     p.add_argument("--image-size", type=pos_int, default=None,
                    help="image folders: resize (shorter side) and centre-crop every image to this square size")
     p.add_argument("--data-dir", default=None, help="directory holding the data set's files")
@@ -74,10 +74,15 @@ def _model_and_data(args):
 def cmd_train(args) -> int:
     from autoprune.data import load_data
     from autoprune.devices import resolve_device
+    from autoprune.io import check_output_file
     from autoprune.models import build_model, save_checkpoint
     from autoprune.train import TrainConfig, evaluate, seed_everything, train
 
     device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        raise SettingError("amp", f"mixed precision runs on a CUDA device only; this run would be on {device}")
+    if args.out:
+        check_output_file(args.out)
     data = load_data(args.data or "fashion-mnist", args.data_dir, val_size=args.val_size,
                      download=not args.no_download, image_size=args.image_size)
     c, h, _ = data.input_shape
@@ -86,8 +91,9 @@ def cmd_train(args) -> int:
                         width_mult=args.width).to(device)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, augment=not args.no_augment,
-                         max_steps_per_epoch=args.max_steps)
+                         max_steps_per_epoch=args.max_steps, amp=args.amp)
     out = Path(args.out or f"checkpoints/{args.model}-{Path(data.name).name}.pt")
+    check_output_file(out)
     state_path = out.with_name(out.name + ".state")
     started = time.perf_counter()
     history = train(model, data, config, state_path=state_path, progress=not args.quiet)
@@ -170,10 +176,11 @@ def cmd_prune(args) -> int:
     from autoprune.costs import count_cost, format_count, policy_cost, policy_rounding
     from autoprune.evaluation import criterion_batches
     from autoprune.export import export_onnx, save_pruned_model
-    from autoprune.io import atomic_write_json
+    from autoprune.io import atomic_write_json, check_output_file
     from autoprune.pruning import ChannelPruner, describe_network, parse_policy
     from autoprune.train import evaluate, recalibrate_bn, recalibration_note
 
+    check_output_file(args.out)
     model, meta, data = _model_and_data(args)
     shape = data.input_shape
     pruner = ChannelPruner(model, shape, criterion=args.criterion,
@@ -273,16 +280,23 @@ def _model_for_lut(args):
 
 
 def cmd_lut_build(args) -> int:
+    from autoprune.io import check_output_file
     from autoprune.latency import build_lut, default_lut_path, get_backend
 
     model, description, name = _model_for_lut(args)
     options = {"optimization": args.ort_optimization} if args.ort_optimization else {}
     if options and args.backend not in ("onnxruntime", "onnx"):
         raise AutopruneError("--ort-optimization applies to --backend onnxruntime only")
+    if args.cuda_device:
+        if args.backend not in ("torch-cuda", "cuda"):
+            raise AutopruneError("--cuda-device applies to --backend torch-cuda only")
+        options["device"] = args.cuda_device
     backend = get_backend(args.backend, args.threads, **options)
+    batch = args.batch or backend.default_batch
     tag = Path(str(args.model)).stem if args.model else "resnet20-fashion-mnist"
-    out = Path(args.out) if args.out else default_lut_path(backend, args.batch, tag)
-    table = build_lut(model, description, backend, out, model_name=name, batch=args.batch,
+    out = Path(args.out) if args.out else default_lut_path(backend, batch, tag)
+    check_output_file(out)
+    table = build_lut(model, description, backend, out, model_name=name, batch=batch,
                       channel_step=args.channel_step, warmup=args.warmup, runs=args.runs, rounds=args.rounds,
                       calibration_samples=args.calibration_samples, seed=args.seed, progress=not args.quiet)
     entries = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
@@ -471,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=pos_int, default=None, help="cap SGD steps per epoch (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast, loss scaling); CUDA only")
     p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/MODEL-DATA.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -544,12 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default=None, help="data set whose image shape to use (default: the model's)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input, for models of your own")
-    p.add_argument("--backend", default="torch", help="torch (eager, CPU) or onnxruntime")
+    p.add_argument("--backend", default="torch",
+                   help="the runtime: torch (eager, CPU), onnxruntime (CPU), openvino (CPU) or torch-cuda "
+                        "(eager on the GPU, timed with CUDA events)")
     p.add_argument("--threads", type=pos_int, default=1, help="intra-op threads (the process is pinned to as many CPUs)")
     p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default=None,
                    help="ONNX Runtime graph optimisation level (default: extended; 'all' adds the NCHWc layout "
                         "transform, which only channel counts that are multiples of 8 keep)")
-    p.add_argument("--batch", type=pos_int, default=1)
+    p.add_argument("--cuda-device", default=None, help="torch-cuda: which GPU (cuda, cuda:N; default cuda)")
+    p.add_argument("--batch", type=pos_int, default=None,
+                   help="inputs per call (default: 1 on the CPU backends, 64 on torch-cuda)")
     p.add_argument("--channel-step", type=pos_int, default=4, help="grid spacing of channel counts")
     p.add_argument("--warmup", type=nonneg_int, default=10, help="untimed runs before each entry")
     p.add_argument("--runs", type=pos_int, default=50, help="timed runs per entry (the median is kept)")
@@ -640,7 +659,8 @@ def _with_flags(exc: AutopruneError) -> str:
     if isinstance(exc, SettingError):
         return f"--{exc.name.replace('_', '-')}: {exc.detail}"
     if isinstance(exc, ResumeMismatch):
-        listed = "; ".join(f"--{name.replace('_', '-')} {value} (saved: {saved})" for name, value, saved in exc.differ)
+        listed = "; ".join(f"--{name.replace('_', '-')} {value} (saved: {saved}{exc.note(name)})"
+                           for name, value, saved in exc.differ)
         return (f"--resume continues {exc.path} with the settings it was started with; these differ: {listed}. "
                 "Drop them, or start a new search with --out")
     return str(exc)

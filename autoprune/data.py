@@ -377,6 +377,11 @@ def load_data(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = 
     """
     if name not in SPECS and name != "synthetic" and is_image_folder(name):
         return load_image_folder(name, image_size=image_size, val_size=val_size, split_seed=split_seed)
+    if is_data_factory(name):
+        if image_size is not None:
+            raise SettingError("image_size", "applies to image folders; a data factory's Datasets give their own "
+                                             "image size")
+        return load_data_factory(name, val_size=val_size, split_seed=split_seed)
     if name == "synthetic":
         channels, size = synthetic_shape
         train_x, train_y, test_x, test_y = make_synthetic(*synthetic_size, channels=channels, size=size)
@@ -428,6 +433,8 @@ def input_shape_for(name: str, image_size: int | None = None) -> tuple[int, int,
         return (1, 28, 28)
     if name not in SPECS and is_image_folder(name):
         return load_image_folder(name, image_size=image_size).input_shape
+    if is_data_factory(name):
+        return load_data_factory(name).input_shape
     spec = SPECS.get(name)
     if spec is None:
         raise AutopruneError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -514,6 +521,57 @@ def bundle_from_datasets(train, val, test=None, *, num_classes: int | None = Non
         test_split = Split(train_x[:0], splits["train"].labels[:0])
     return DataBundle(name=name, train=splits["train"], val=splits["val"], test=test_split, mean=mean, std=std,
                       num_classes=classes, meta={"source": "given from Python", "dtype": str(train_x.dtype)})
+
+
+# ---------------------------------------------------------------- data factories
+
+def is_data_factory(name: str | os.PathLike) -> bool:
+    """True when `name` reads `package.module:factory` (and is no directory or named data set)."""
+    name = str(name)
+    return ":" in name and name not in SPECS and not Path(name).exists()
+
+
+def load_data_factory(spec: str, *, val_size: int = DEFAULT_VAL_SIZE,
+                      split_seed: int = DEFAULT_SPLIT_SEED) -> DataBundle:
+    """The data a user's `package.module:factory` returns: `(train, val, test)` torch
+    Datasets (or DataLoaders) of (image, label) pairs, read as `bundle_from_datasets` reads
+    them. `test` may be None or left out; a `val` of None is held out from train
+    (`val_size` images, the fixed split seed), as for image folders."""
+    from torch.utils.data import Subset
+
+    from autoprune.models import import_factory
+
+    factory = import_factory(spec, "data")
+    try:
+        result = factory()
+    except Exception as exc:  # the user's code: its failure is theirs to see, in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SettingError("data", f"{spec} raised {type(exc).__name__}: {first}") from None
+    shape = "(train, val, test): torch Datasets of (image, label) pairs, val and test may be None"
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        what = f"{len(result)} items" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+        raise SettingError("data", f"{spec} returned {what}; it must return {shape}")
+    train, val, test = (*result, None)[:3]
+    if train is None:
+        raise SettingError("data", f"{spec} returned no train set; it must return {shape}")
+    held_out = val is None
+    if held_out:
+        if not hasattr(train, "__len__") or not hasattr(train, "__getitem__"):
+            raise SettingError("data", f"{spec} returned no val set and a train set that cannot be indexed; "
+                                       "return a val set, or a train Dataset with __len__ and __getitem__")
+        n = len(train)
+        if not 0 < val_size < n:
+            raise SettingError("val_size", f"{val_size} images cannot be held out of {spec}'s {n} training "
+                                           "images; choose fewer, or return a val set")
+        train_idx, val_idx = split_indices(n, val_size, split_seed)
+        train, val = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
+    try:
+        bundle = bundle_from_datasets(train, val, test, name=spec)
+    except AutopruneError as exc:
+        raise SettingError("data", f"{spec}: {exc}") from None
+    bundle.meta.update({"source": spec, "val_held_out": held_out,
+                        **({"val_size": val_size, "split_seed": split_seed} if held_out else {})})
+    return bundle
 
 
 # ---------------------------------------------------------------- image folders

@@ -26,6 +26,32 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def check_writable_under(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a file or directory that cannot be written: the directory it
+    is (an existing directory) or the nearest existing one above it must be a directory this
+    process can write in."""
+    path = Path(path)
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AutopruneError(f"cannot create {path}: {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise AutopruneError(f"cannot write under {ancestor} ({exc.strerror}); choose another place for "
+                             f"{path.name}") from None
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse an output file that names a directory or cannot be written (before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise AutopruneError(f"{path} is a directory; give the output a file name")
+    check_writable_under(path)
+
+
 def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,26 +145,41 @@ class WriterLock:
     """An exclusive lock on `path` (a lock file) for as long as this process holds the object.
 
     The operating system drops it when the process ends, however it ends (a `kill -9`
-    leaves no stale lock). A second writer gets one clear error naming the holder's PID.
+    leaves no stale lock, only the file, which the next writer takes over). A second
+    writer gets one clear error naming the holder's PID. Released, the lock file is
+    removed.
     """
 
     def __init__(self, path: str | os.PathLike, what: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            self._fd = None
-            raise AutopruneError(f"{what} is being written by another autoprune process (PID {holder}); wait for "
-                                 "it to finish or stop it") from None
+        self._fd = None
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise AutopruneError(f"{what} is being written by another autoprune process (PID {holder}); wait "
+                                     "for it to finish or stop it") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+            else:  # the holder removed the file as we opened it: lock the file that is there now
+                os.close(fd)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
+            try:
+                self.path.unlink()  # while still held, so that nobody locks a file on its way out
+            except FileNotFoundError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -153,15 +153,19 @@ def unit_input_shape(layer: LayerSpec, cin: int, cout: int, batch: int) -> tuple
 
 # ---------------------------------------------------------------- backends
 
-def time_runs(run: Callable[[], object], warmup: int, runs: int) -> float:
-    """Median wall time of `runs` calls after `warmup` calls, in milliseconds."""
+def wall_ns(run: Callable[[], object]) -> int:
+    """Wall time of one call, in nanoseconds."""
+    start = time.perf_counter_ns()
+    run()
+    return time.perf_counter_ns() - start
+
+
+def time_runs(run: Callable[[], object], warmup: int, runs: int, clock: Callable[[Callable], int] = wall_ns) -> float:
+    """Median time of `runs` calls after `warmup` calls, in milliseconds; `clock` times one
+    call in nanoseconds (wall time by default, a backend's own clock otherwise)."""
     for _ in range(warmup):
         run()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        run()
-        samples.append(time.perf_counter_ns() - start)
+    samples = [clock(run) for _ in range(runs)]
     return statistics.median(samples) / 1e6
 
 
@@ -173,12 +177,25 @@ class LatencyBackend:
     """
 
     name = "base"
+    default_batch = 1  # the batch a table is built for unless the user names one
 
     def __init__(self, threads: int = 1):
         self.threads = threads
 
     def version(self) -> str:
         raise NotImplementedError
+
+    def clock(self, run: Callable[[], object]) -> int:
+        """Nanoseconds one call of `run` takes on this runtime (wall time unless overridden)."""
+        return wall_ns(run)
+
+    def device(self) -> dict:
+        """The device a table built with this backend belongs to (recorded in its `device`)."""
+        return device_metadata()
+
+    def device_tag(self) -> str:
+        """The device as a file-name fragment, for default LUT paths."""
+        return device_slug()
 
     def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], object]:
         raise NotImplementedError
@@ -275,6 +292,104 @@ class OnnxRuntimeBackend(LatencyBackend):
         return lambda: session.run(None, {name: x})
 
 
+class OpenVINOBackend(LatencyBackend):
+    """Intel OpenVINO's CPU plugin: the same ONNX graphs as ONNX Runtime (single layers
+    written directly, whole networks through PyTorch's exporter), compiled for the CPU
+    with a fixed number of inference threads, one stream, the latency hint and float32
+    inference (OpenVINO would otherwise run bf16 on CPUs that have it)."""
+
+    name = "openvino"
+
+    def __init__(self, threads: int = 1):
+        super().__init__(threads)
+        try:
+            import onnx  # noqa: F401
+            import openvino  # noqa: F401
+        except ImportError as exc:
+            raise AutopruneError(f"backend openvino is not installed ({exc.name} is missing): pip install openvino "
+                                 "onnx (or pip install 'autoprune[openvino]')") from None
+        self._core = None
+
+    def version(self) -> str:
+        import openvino
+
+        return openvino.__version__
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "performance_hint": "LATENCY", "streams": 1}
+
+    def runner(self, module, input_shape):
+        import openvino
+
+        if self._core is None:
+            self._core = openvino.Core()
+        model_bytes = _unit_to_onnx(module, input_shape) if getattr(module, "_autoprune_unit", False) \
+            else _network_to_onnx(module, input_shape)
+        compiled = self._core.compile_model(self._core.read_model(model_bytes), "CPU", {
+            "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        request.set_input_tensor(openvino.Tensor(x))
+        return request.infer
+
+
+class TorchCudaBackend(LatencyBackend):
+    """PyTorch eager on a CUDA GPU, in inference mode, timed with CUDA events around each
+    call and synchronised after it (the GPU's time for the call, not the host's). cuDNN
+    picks its fastest algorithm per shape during the warm-up. The default batch (64) keeps
+    the GPU busy; build for the batch you serve with `--batch`. `threads` sets the host's
+    intra-op threads, which matter little here."""
+
+    name = "torch-cuda"
+    default_batch = 64
+
+    def __init__(self, threads: int = 1, device: str = "cuda"):
+        super().__init__(threads)
+        if not torch.cuda.is_available():
+            raise AutopruneError("backend torch-cuda needs a CUDA GPU and none is visible here "
+                                 "(torch.cuda.is_available() is False)")
+        self.cuda = torch.device(device)
+        if self.cuda.type != "cuda":
+            raise AutopruneError(f"backend torch-cuda runs on a CUDA device, not {device!r}")
+        if self.cuda.index is not None and self.cuda.index >= torch.cuda.device_count():
+            raise AutopruneError(f"there is no {device} (this machine has {torch.cuda.device_count()} CUDA device(s))")
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = True
+
+    def version(self) -> str:
+        return f"{torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "cuda_device": str(self.cuda)}
+
+    def device(self) -> dict:
+        props = torch.cuda.get_device_properties(self.cuda)
+        return {**device_metadata(), "gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
+                "gpu_memory_gb": round(props.total_memory / 2**30, 1)}
+
+    def device_tag(self) -> str:
+        return _slug(torch.cuda.get_device_properties(self.cuda).name)
+
+    def clock(self, run):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return int(start.elapsed_time(end) * 1e6)
+
+    def runner(self, module, input_shape):
+        module = module.to(self.cuda).eval()
+        x = torch.randn(*input_shape, device=self.cuda)
+
+        def run():
+            with torch.inference_mode():
+                return module(x)
+
+        return run
+
+
 def _network_to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     import tempfile
 
@@ -333,13 +448,24 @@ def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
     return model.SerializeToString()
 
 
-BACKENDS: dict[str, type[LatencyBackend]] = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend}
+def backend_for(runtime: dict) -> LatencyBackend:
+    """The backend a table's `runtime` record was measured with, with the same options."""
+    options = {}
+    if "graph_optimization" in runtime:
+        options["optimization"] = runtime["graph_optimization"]
+    if "cuda_device" in runtime:
+        options["device"] = runtime["cuda_device"]
+    return get_backend(runtime["backend"], runtime["threads"], **options)
+
+
+BACKENDS: dict[str, type[LatencyBackend]] = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend,
+                                             "openvino": OpenVINOBackend, "torch-cuda": TorchCudaBackend}
 
 
 def get_backend(name: str, threads: int = 1, **options) -> LatencyBackend:
-    """A backend by name (torch, onnxruntime) with its options (e.g. optimization="all")."""
-    if name == "onnx":
-        name = "onnxruntime"
+    """A backend by name (torch, onnxruntime, openvino, torch-cuda) with its options (e.g.
+    optimization="all" for onnxruntime, device="cuda:1" for torch-cuda)."""
+    name = {"onnx": "onnxruntime", "ov": "openvino", "cuda": "torch-cuda"}.get(name, name)
     if name not in BACKENDS:
         raise AutopruneError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name](threads, **{k: v for k, v in options.items() if v is not None})
@@ -395,21 +521,25 @@ def cpu_isa() -> list[str]:
     return [flag for flag in ISA_FLAGS if flag in flags]
 
 
-def device_slug() -> str:
-    """The CPU as a file-name fragment: 'AMD EPYC 7B13' (family 25 model 1) -> 'amd-epyc-7b13-f25m1'."""
-    name = cpu_model().lower()
-    info = _cpuinfo()
-    if "cpu family" in info:
-        name += f"-f{info['cpu family']}m{info.get('model', '')}"
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+def _slug(text: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
     return slug
 
 
+def device_slug() -> str:
+    """The CPU as a file-name fragment: 'AMD EPYC 7B13' (family 25 model 1) -> 'amd-epyc-7b13-f25m1'."""
+    name = cpu_model()
+    info = _cpuinfo()
+    if "cpu family" in info:
+        name += f"-f{info['cpu family']}m{info.get('model', '')}"
+    return _slug(name)
+
+
 def default_lut_path(backend: LatencyBackend, batch: int, model_tag: str) -> Path:
     """latency_luts/DEVICE-BACKEND-tTHREADS-bBATCH-MODEL.json"""
-    return Path("latency_luts") / f"{device_slug()}-{backend.name}-t{backend.threads}-b{batch}-{model_tag}.json"
+    return Path("latency_luts") / f"{backend.device_tag()}-{backend.name}-t{backend.threads}-b{batch}-{model_tag}.json"
 
 
 def device_metadata() -> dict:
@@ -419,8 +549,10 @@ def device_metadata() -> dict:
 
 
 def describe_device(device: dict | None) -> str:
-    """'AMD EPYC (family 26 model 2 stepping 1)', for messages."""
+    """'AMD EPYC (family 26 model 2 stepping 1)', or the GPU's name for a GPU table, for messages."""
     device = device or {}
+    if device.get("gpu"):
+        return f"{device['gpu']} (compute capability {device.get('gpu_capability', '?')})"
     name = device.get("cpu") or "an unknown device"
     return f"{name} ({device['cpu_id']})" if device.get("cpu_id") else name
 
@@ -435,6 +567,9 @@ def same_device(device: dict | None) -> bool:
     machine reports one, the same `cpu_id`. A record without `cpu_id` (tables built before
     it was recorded) cannot be confirmed and counts as another device."""
     device = device or {}
+    if device.get("gpu"):  # a GPU's table: that GPU must be here
+        return torch.cuda.is_available() and any(
+            torch.cuda.get_device_name(i) == device["gpu"] for i in range(torch.cuda.device_count()))
     if device.get("cpu") != cpu_model():
         return False
     here = cpu_id()
@@ -639,26 +774,24 @@ def measure_networks(backend: LatencyBackend, models: list[nn.Module], input_sha
     """Latency of whole networks in ms: per network, the minimum over `rounds` passes of the
     median of its `runs` timed calls in that pass.
 
-    Within a pass the networks take turns call by call (in an order that rotates), so a
-    slow spell of the machine (a busy neighbour on a shared host, a frequency change)
-    falls on every network alike and the ratios between them survive it; over passes the
-    minimum is kept, since interference only adds time."""
+    Within a pass each network runs `warmup` untimed calls and then its `runs` timed calls
+    back to back, as a deployed network runs, and the order of the networks rotates from
+    pass to pass; over passes the minimum is kept, since interference only adds time. (An
+    earlier protocol let the networks take turns call by call. That finds every network
+    with cold caches: under OpenVINO the unpruned ResNet-20 took 0.43 ms alone and 0.50 ms
+    in turn with 15 pruned ones, a pruned one 0.23 and 0.30 ms, and the smaller the network
+    the larger the share, so tables calibrated that way over-predicted small networks.)"""
     runners = [backend.runner(m, (batch, *input_shape)) for m in models]
-    for run in runners:
-        for _ in range(warmup):
-            run()
     best = [float("inf")] * len(models)
     n = len(runners)
-    for _ in range(rounds):
-        samples: list[list[int]] = [[] for _ in runners]
-        for k in range(runs):
-            for j in range(n):
-                i = (j + k) % n
-                start = time.perf_counter_ns()
-                runners[i]()
-                samples[i].append(time.perf_counter_ns() - start)
-        for i in range(n):
-            best[i] = min(best[i], statistics.median(samples[i]) / 1e6)
+    for round_index in range(rounds):
+        for j in range(n):
+            i = (j + round_index) % n
+            run = runners[i]
+            for _ in range(warmup):
+                run()
+            samples = [backend.clock(run) for _ in range(runs)]
+            best[i] = min(best[i], statistics.median(samples) / 1e6)
             if progress is not None:
                 progress.update(1)
     return best
@@ -693,6 +826,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     runtime = {**backend.metadata(), "batch": batch}
     protocol = {"warmup": warmup, "runs": runs, "rounds": rounds,
                 "statistic": "minimum over rounds of the median of runs", "channel_step": channel_step,
+                "whole_networks": "each back to back within a round, the order rotating",
                 "pinned_cpus": cpus, "unit": "conv/linear + following BatchNorm and activation",
                 "calibration_samples": calibration_samples, "calibration_seed": seed}
     model_info = {"name": model_name, "fingerprint": model_fingerprint(description),
@@ -713,7 +847,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
                                  "choose another --out or delete it")
     if data is None:
         data = {"format": LUT_FORMAT, "version": LUT_VERSION, "complete": False, "model": model_info,
-                "device": device_metadata(), "runtime": runtime, "protocol": protocol,
+                "device": backend.device(), "runtime": runtime, "protocol": protocol,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "calibration": None, "call_overhead_ms": {}, "entries": {}}
         for key, entry in plan.items():
@@ -733,7 +867,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
     for round_index in range(rounds):
         if overhead_rounds <= round_index:
             for shape in shapes:
-                value = round(time_runs(backend.null_runner(shape), warmup, runs), 6)
+                value = round(time_runs(backend.null_runner(shape), warmup, runs, backend.clock), 6)
                 old_value = data["call_overhead_ms"].get(shape_key(shape))
                 data["call_overhead_ms"][shape_key(shape)] = value if old_value is None else min(old_value, value)
             data["call_overhead_rounds"] = overhead_rounds = round_index + 1
@@ -746,7 +880,7 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
                     unit = unit_module(layer, cin, cout)
                     unit._autoprune_unit = True
                     run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
-                    value = round(time_runs(run, warmup, runs), 6)
+                    value = round(time_runs(run, warmup, runs, backend.clock), 6)
                     old_value = table["ms"][i][j]
                     table["ms"][i][j] = value if old_value is None else min(old_value, value)
                     table["rounds_done"][i][j] = round_index + 1
@@ -826,8 +960,7 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
 
     table.check_model(description)
     rt, protocol = table.runtime, table.data["protocol"]
-    options = {"optimization": rt["graph_optimization"]} if "graph_optimization" in rt else {}
-    backend = get_backend(rt["backend"], rt["threads"], **options)
+    backend = backend_for(rt)
     pin_process(rt["threads"])
     warmup = protocol["warmup"] if warmup is None else warmup
     runs = protocol["runs"] if runs is None else runs
@@ -947,24 +1080,24 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
     and whether that CPU is the one the LUT was measured on.
     """
     backend_name, threads, batch, options, note = "torch", 1, 1, {}, None
+    runtime: dict = {"backend": "torch", "threads": 1}
     if lut is not None:
         runtime = lut.runtime
         backend_name, threads, batch = runtime["backend"], runtime["threads"], runtime.get("batch", 1)
-        if "graph_optimization" in runtime:
-            options["optimization"] = runtime["graph_optimization"]
+        options = {key: runtime[key] for key in ("graph_optimization", "cuda_device") if key in runtime}
     saved_threads = torch.get_num_threads()
     saved_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         try:
-            backend = get_backend(backend_name, threads, **options)
+            backend = backend_for(runtime)
         except AutopruneError as exc:
             note = f"the LUT's runtime is not usable here ({exc}); measured under torch eager instead"
             log.warning(note)
-            backend_name, threads, batch = "torch", 1, 1
+            backend_name, threads, batch, options = "torch", 1, 1, {}
             backend = get_backend("torch", 1)
         shape = (batch, *input_shape)
         pin_process(threads)
-        probe_ms = time_runs(backend.runner(models[0], shape), 2, 3)
+        probe_ms = time_runs(backend.runner(models[0], shape), 2, 3, backend.clock)
         runs = int(min(LATENCY_RUNS[1], max(LATENCY_RUNS[0], LATENCY_TARGET_MS / max(probe_ms, 1e-3))))
         measured = measure_networks(backend, models, input_shape, batch, warmup=LATENCY_WARMUP, runs=runs,
                                     rounds=LATENCY_ROUNDS)

@@ -232,7 +232,9 @@ def build_model(name: str, *, in_channels: int = 1, num_classes: int = 10, input
     return model
 
 
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
+def import_factory(spec: str, setting: str = "model") -> Callable:
+    """The callable `package.module:name` names, importable from the working directory;
+    a failure is a `SettingError` of `setting`."""
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # as `python -m` would: the user's package from where they run
@@ -240,11 +242,11 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while it loads
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise SettingError("model", f"cannot import {module_name!r} for {spec}: {type(exc).__name__}: {first}") \
+        raise SettingError(setting, f"cannot import {module_name!r} for {spec}: {type(exc).__name__}: {first}") \
             from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise SettingError("model", f"{module_name} has no callable {attr!r} (from {spec})")
+        raise SettingError(setting, f"{module_name} has no callable {attr!r} (from {spec})")
     return factory
 
 
@@ -293,7 +295,7 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
     elif os.path.exists(model):
         net, meta = _from_file(Path(model))
     elif ":" in model:
-        factory = _import_factory(model)
+        factory = import_factory(model)
         try:
             net = factory()
         except Exception as exc:  # the user's code: any failure is theirs to see, in one line

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text
+from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_under
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +48,12 @@ def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
 def check_new_run_dir(path: Path) -> None:
     """Refuse a new run's directory that is a file, holds another run, or cannot be written
     (checked before any work is done, and again when the run is created)."""
-    import tempfile
-
     if path.exists() and not path.is_dir():
         raise AutopruneError(f"{path} exists and is not a directory; choose another output directory")
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise AutopruneError(f"{path} already exists and is not empty; resume the search there, or choose another "
                               "output directory")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise AutopruneError(f"cannot create {path}: {ancestor} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as exc:
-        raise AutopruneError(f"cannot write under {ancestor} ({exc.strerror}); choose another output "
-                             "directory") from None
+    check_writable_under(path)
 
 
 class Run:
@@ -103,10 +91,16 @@ class Run:
 
     @property
     def config(self) -> dict:
+        path = self.path / CONFIG
         try:
-            return json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AutopruneError(f"cannot read {self.path / CONFIG}: {exc}") from None
+            raise AutopruneError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        missing = [key for key in ("agent", "budget") if not isinstance(data, dict) or key not in data]
+        if missing:
+            raise AutopruneError(f"{path} is damaged: it holds no {' and no '.join(missing)}; a run directory's "
+                                 "settings cannot be rebuilt, start a new search")
+        return data
 
     @property
     def state_dir(self) -> Path:

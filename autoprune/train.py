@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from autoprune.data import DataBundle
 from autoprune.devices import model_device
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, SettingError
 from autoprune.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class TrainConfig:
     augment: bool = True  # random crop and (where valid) horizontal flip
     seed: int = 0  # drives initialisation order of batches and augmentation
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs and tests)
+    amp: bool = False  # mixed precision (float16 autocast with loss scaling); CUDA only
 
 
 @contextlib.contextmanager
@@ -187,15 +188,19 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
     that finds a state file for the same settings resumes from it.
     """
     check_model_fits(model, data)
+    device = model_device(model)
+    if config.amp and device.type != "cuda":
+        raise SettingError("amp", f"mixed precision runs on a CUDA device only; this model is on {device}")
     generator = seed_everything(config.seed)
     steps_per_epoch = epoch_steps(config, len(data.train))
     optimizer, scheduler = _make_optimizer(model, config, steps_per_epoch * config.epochs)
+    scaler = torch.amp.GradScaler("cuda") if config.amp else None
     history: list[dict] = []
     start_epoch = 0
 
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("config") != asdict(config):
+        if {"amp": False, **(state.get("config") or {})} != asdict(config):  # states from before `amp` lack it
             raise AutopruneError(f"{state_path} holds a run with other settings; delete it to start over "
                                  "or repeat the original command to resume")
         model.load_state_dict(state["model"])
@@ -203,6 +208,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start_epoch = state["epoch"]
         log.info("resuming from %s at epoch %d", state_path, start_epoch)
@@ -219,14 +226,21 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
                                generator=generator, limit=steps_per_epoch * config.batch_size)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False, unit="step")
-        device = model_device(model)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                optimizer.step()
+            else:
+                with torch.autocast(device.type, dtype=torch.float16):
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             loss_sum += loss.item() * y.numel()
             correct += int((logits.argmax(1) == y).sum())
@@ -244,6 +258,7 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
             atomic_torch_save({"config": asdict(config), "epoch": epoch + 1, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                               "scaler": scaler.state_dict() if scaler is not None else None,
                                "history": history}, state_path)
     model.eval()
     return history

@@ -16,7 +16,8 @@ test accuracy against measured latency with every seed.
     python bench/bench_latency_budget.py --lut latency_luts/FILE.json --measure --report
 
 `--measure` times every finished run's network again, all of them and the unpruned one
-in turn in one process, call by call: run it with nothing else on the machine. The
+in one process, in passes (each network back to back within a pass, the order rotating,
+the fastest pass kept): run it with nothing else on the machine. The
 runs' own measurements are taken as each run ends, while the other worker trains on the
 other core; on a shared virtual machine those are not worth much (BENCHMARKS.md).
 
@@ -115,8 +116,9 @@ def measure(args) -> None:
     pin_process(1)
     ms = measure_networks(get_backend("torch", 1), networks, (1, 28, 28), 1, warmup=20, runs=100, rounds=5)
     result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": ms[0],
-              "protocol": "torch eager, 1 thread, batch 1, pinned; networks in turn call by call, 100 calls per "
-                          "round, minimum over 5 rounds of the per-round median",
+              "protocol": "torch eager, 1 thread, batch 1, pinned; each network back to back within a round (20 "
+                          "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
+                          "median",
               "runs": {p.name: {"ms": m, "ratio": m / ms[0]} for p, m in zip(paths, ms[1:])}}
     (out / "measured.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))

@@ -7,9 +7,11 @@ calibrate on): median absolute percentage error and Spearman rank correlation be
 predicted and measured whole-network latency. Writes BENCHMARKS.md between the
 `bench_lut` markers. Run it on a quiet machine.
 
-    python bench/bench_lut.py [--samples 30] [--backends torch,onnxruntime] [--keep] [--low-range 0.2,0.5]
+    python bench/bench_lut.py [--samples 30] [--backends torch,onnxruntime,openvino] [--keep] [--low-range 0.2,0.5]
 
-It validates twice: over keep ratios in [0.2, 1] and over `--low-range`, the small
+It then times two networks under every runtime, one runtime after another: the unpruned
+network and the uniformly pruned one at 50 % of the first backend's LUT latency, to say
+which runtime is fastest here. It validates twice: over keep ratios in [0.2, 1] and over `--low-range`, the small
 networks where tight latency budgets land, and reports both the error in milliseconds and
 the error of the latency *ratio* to the unpruned network (timed in turn with it), which
 is what a relative budget bounds.
@@ -40,7 +42,7 @@ from bench_core import read_rows, write_section  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--backends", default="torch,onnxruntime,openvino")
     parser.add_argument("--keep", action="store_true", help="validate existing LUTs instead of rebuilding them")
     parser.add_argument("--low-range", default="0.2,0.5", help="LO,HI keep ratios of the second validation")
     parser.add_argument("--no-write", action="store_true")
@@ -82,6 +84,7 @@ def main() -> int:
                      "low_ratio_max": low["max_abs_ratio_error_pct"], "lut": str(out.relative_to(ROOT)),
                      "result": str(result_path.relative_to(ROOT))})
         print(rows[-1])
+    speed = compare_runtimes(model, description, args.backends.split(","))
     rows_file = Path(args.rows)
     kept = read_rows(rows_file)
     kept = [r for r in kept if (r["device"], r["backend"]) not in {(n["device"], n["backend"]) for n in rows}]
@@ -115,11 +118,45 @@ def main() -> int:
                f"{r['low_ratio_mape']:.1f} / {r['low_ratio_max']:.1f} %" if "low_mape" in r else " | | | ")
         lines.append(f"| {r['device']} | {r['date']} | {backend} | {r['version']} | {r['samples']} | {r['entries']} | {r['build_s']:.0f} | {r['base_ms']:.3f} | "
                      f"{r['mape']:.1f} % | {r['max']:.1f} % | {r['spearman']:.3f} | {low} | `{r['lut']}` | `{r['result']}` |")
+    lines += ["", f"Runtimes side by side on {device} ({datetime.date.today().isoformat()}): the unpruned network "
+              f"and the uniform network at 50 % of the {speed['lut_backend']} LUT's latency (keep ratio "
+              f"{speed['keep']:.3f}, {100 * speed['flops_ratio']:.1f} % of the FLOPs), each runtime timing both, 1 "
+              "thread, batch 1, each network back to back within a pass (20 untimed, then 100 timed calls), the "
+              "minimum over 5 passes of the median.", "",
+              "| runtime | unpruned (ms) | 50 %-latency network (ms) | ratio |", "|---|---:|---:|---:|"]
+    for name, (full, half) in speed["ms"].items():
+        lines.append(f"| {name} | {full:.3f} | {half:.3f} | {half / full:.3f} |")
+    fastest_full = min(speed["ms"], key=lambda n: speed["ms"][n][0])
+    fastest_half = min(speed["ms"], key=lambda n: speed["ms"][n][1])
+    lines += ["", f"Fastest here: {fastest_full} for the unpruned network, {fastest_half} for the pruned one."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
         write_section("bench_lut", body)
     return 0
+
+
+def compare_runtimes(model, description, backends: list[str]) -> dict:
+    """Unpruned and 50 %-latency uniform network, timed under each runtime."""
+    from autoprune.budgets import Constraint, parse_budget
+    from autoprune.costs import count_cost, policy_channels, uniform_policy
+    from autoprune.latency import measure_networks, pin_process
+    from autoprune.pruning import ChannelPruner
+
+    table = load_lut(ROOT / default_lut_path(get_backend(backends[0], 1), 1, "resnet20-fashion-mnist"))
+    keep = Constraint(parse_budget("50%latency"), description, table).uniform_ratio()
+    pruner = ChannelPruner(model, description.input_shape)
+    policy = uniform_policy(description, keep)
+    pruned = pruner.prune(policy)
+    flops = count_cost(pruner.description, policy_channels(pruner.description, policy)).flops
+    pin_process(1)
+    ms = {}
+    for name in backends:
+        ms[name] = measure_networks(get_backend(name, 1), [model, pruned], description.input_shape, 1,
+                                    warmup=20, runs=100, rounds=5)
+        print(name, ms[name])
+    return {"lut_backend": backends[0], "keep": keep, "flops_ratio": flops / count_cost(pruner.description).flops,
+            "ms": ms}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from autoprune.evaluation import PolicyEvaluator
 
 OBSERVATION_FEATURES = ("index", "layer_type", "in_channels", "out_channels", "stride", "kernel", "feature_size",
                         "cost", "reduced", "rest", "previous_action", "lowest_keep", "highest_keep")
-ACTION_MAPPINGS = ("feasible", "absolute")
+ACTION_MAPPINGS = ("feasible", "centred", "absolute")
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,28 @@ class ChannelPruningEnv(gym.Env):
                 lo = mid + 1
         return choices[lo]
 
+    def even_count(self, t: int) -> int:
+        """The count group t keeps when it and every later group keep one keep ratio, the
+        largest with which the budget holds (each group at least at its lower bound): the
+        uniform policy over what is left to decide."""
+        rest = self.groups[t:]
+        multiple = self.evaluator.config.channel_multiple
+
+        def kept(ratio: float) -> dict[str, int]:
+            return {**self._kept, **{g.name: max(self._floor[t + i], group_keep(g, ratio, multiple))
+                                     for i, g in enumerate(rest)}}
+
+        if self.constraint.fits(kept(1.0)):
+            return self.groups[t].channels
+        low, high = 0.0, 1.0
+        for _ in range(14):  # bisection to 1e-4 in keep ratio, finer than one channel of any group here
+            mid = (low + high) / 2
+            if self.constraint.fits(kept(mid)):
+                low = mid
+            else:
+                high = mid
+        return kept(low)[self.groups[t].name]
+
     def action_to_count(self, t: int, action: float) -> int:
         """The channel count an action gives group t (see Action Space)."""
         return self._act(t, action)[0]
@@ -262,8 +284,16 @@ class ChannelPruningEnv(gym.Env):
             return count, effective
         if high <= low:
             return low, action  # one count only: every action has the same effect
-        wanted = low + (action + 1.0) / 2.0 * (high - low)
         choices = [c for c in self._choices[t] if low <= c <= high] or [low]
+        if self.action_mapping == "centred":
+            centre = min(max(self.even_count(t), low), high)
+            wanted = centre + action * ((centre - low) if action < 0 else (high - centre))
+            count = min(choices, key=lambda c: (abs(c - wanted), c))
+            if count == centre:
+                return int(count), 0.0
+            span = (centre - low) if count < centre else (high - centre)
+            return int(count), float(np.clip((count - centre) / span, -1.0, 1.0))
+        wanted = low + (action + 1.0) / 2.0 * (high - low)
         count = min(choices, key=lambda c: (abs(c - wanted), c))
         return int(count), float(2.0 * (count - low) / (high - low) - 1.0)
 

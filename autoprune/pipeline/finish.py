@@ -98,7 +98,7 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     if equal_steps and missing > 0:
         epochs = math.ceil(missing / math.ceil(len(data.train) / EXTRA_BATCH_SIZE))
         extra = TrainConfig(epochs=epochs, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr, seed=finetune.seed + 1,
-                            max_steps_per_epoch=math.ceil(missing / epochs))
+                            max_steps_per_epoch=math.ceil(missing / epochs), amp=finetune.amp)
         started_extra = time.perf_counter()
         history += train(pruned, data, extra, state_path=run.state_dir / "extra.state", progress=progress)
         finetune_seconds += time.perf_counter() - started_extra

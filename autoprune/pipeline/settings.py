@@ -26,20 +26,26 @@ class ResumeMismatch(AutopruneError):
 
     def __init__(self, path, differ: list[tuple[str, Any, Any]]):
         self.path, self.differ = path, differ  # (name, value given, value saved)
-        listed = "; ".join(f"{name} {value!r} (saved: {saved!r})" for name, value, saved in differ)
+        listed = "; ".join(f"{name} {value!r} (saved: {saved!r}{self.note(name)})" for name, value, saved in differ)
         super().__init__(f"a resumed search continues {path} with the settings it was started with; these differ: "
                          f"{listed}. Drop them, or start a new search elsewhere")
+
+    @staticmethod
+    def note(name: str) -> str:
+        """What a resumed search may do with this setting, where it may change it at all."""
+        return "; it may only be raised" if FIELDS[name].metadata["on_resume"] == "grow" else ""
 
 
 def setting(default: Any, doc: str, *, kind: type, low: float | None = None, high: float | None = None,
             open_low: bool = False, choices: tuple | None = None, optional: bool = False, auto: bool = False,
-            agents: tuple[str, ...] | None = None, on_resume: bool = False, group: str | None = None):
+            agents: tuple[str, ...] | None = None, on_resume: bool | str = False, group: str | None = None):
     """A dataclass field with its doc and range in the metadata.
 
     `kind` is the value's type (int, float, str, bool); `low`/`high` bound numbers
     (`open_low`: strictly above `low`); `choices` lists the accepted strings; `optional`
     accepts None; `auto` accepts the string "auto"; `agents` names the searchers that
-    read it (None: every one); `on_resume` lets a resumed search change it; `group`
+    read it (None: every one); `on_resume` lets a resumed search change it (`"grow"`: only
+    raise it); `group`
     files it under a heading in the CLI's help.
     """
     return field(default=default, metadata={
@@ -64,8 +70,9 @@ class SearchSettings:
     weights: str | None = setting(None, "weights (state dict or autoprune checkpoint) for the model", kind=str,
                                   optional=True)
     data: str | None = setting(
-        None, "fashion-mnist, mnist, cifar10, synthetic, or an image folder DIR (DIR/train/<class>/<images>, "
-              "optional DIR/val/ and DIR/test/) (default: what the model was trained on, else fashion-mnist)",
+        None, "fashion-mnist, mnist, cifar10, synthetic, an image folder DIR (DIR/train/<class>/<images>, "
+              "optional DIR/val/ and DIR/test/), or package.module:factory returning (train, val, test) torch "
+              "Datasets (default: what the model was trained on, else fashion-mnist)",
         kind=str, optional=True)
     image_size: int | None = setting(None, "image folders: resize (shorter side) and centre-crop every image to "
                                            "this square size (default: keep the size, which all must share)",
@@ -83,8 +90,10 @@ class SearchSettings:
         DEFAULT_FILL, "share of the budget every episode is steered to use, through a lower action bound "
                       "(0: AMC's upper bound only)", kind=float, low=0.0, high=1.0, agents=AMC_ENV)
     action_mapping: str = setting(
-        "feasible", "an action spans the keep ratios the budget's bounds allow (feasible), or [lower bound, 1] "
-                    "clipped to them (absolute, AMC's)", kind=str, choices=("feasible", "absolute"), agents=AMC_ENV)
+        "feasible", "an action spans the keep ratios the budget's bounds allow (feasible); the same with action 0 "
+                    "at the uniform policy over the groups still to decide (centred); or [lower bound, 1] clipped "
+                    "to the bounds (absolute, AMC's)", kind=str, choices=("feasible", "centred", "absolute"),
+        agents=AMC_ENV)
     channel_multiple: int = setting(1, "round kept channels to this multiple", kind=int, low=1)
     val_images: int = setting(1000, "validation images scored per candidate (a fixed subset of the validation "
                                     "split)", kind=int, low=1)
@@ -103,14 +112,19 @@ class SearchSettings:
                                "the onnx extra)", kind=bool)
     device: str = setting("auto", "where training, BN recalibration, scoring and the agent run: auto (CUDA when "
                                   "present, else the CPU), cpu, cuda, cuda:N or mps", kind=str)
+    amp: bool = setting(False, "mixed precision (float16 autocast, loss scaling) for the long-term fine-tune; "
+                               "CUDA devices only", kind=bool)
     allow_other_device: bool = setting(False, "accept a latency budget on a LUT measured on another CPU", kind=bool)
     seed: int = setting(0, "drives everything: same seed, same policy", kind=int)
-    episodes: int = setting(400, "episodes in all, warm-up included (AMC: 400)", kind=int, low=1, agents=("ddpg",),
-                            group="ddpg (AMC)")
+    episodes: int = setting(400, "episodes in all, warm-up included (AMC: 400); a resumed search may raise it",
+                            kind=int, low=1, agents=("ddpg",), on_resume="grow", group="ddpg (AMC)")
     warmup_episodes: int = setting(100, "episodes of random actions first (AMC: 100)", kind=int, low=0,
                                    agents=("ddpg",), group="ddpg (AMC)")
     reward: str = setting("acc", "acc, acc_flops, acc_params or acc_latency", kind=str, agents=("ddpg",),
                           group="ddpg (AMC)")
+    actor_penalty: float = setting(0.0, "weight of ½·mean(pre-tanh output²) in the actor's loss, which keeps the "
+                                        "actor off the flat ends of its tanh (0: DDPG's loss)", kind=float, low=0.0,
+                                   agents=("ddpg",), group="ddpg (AMC)")
     samples: int = setting(100, "random: policies drawn", kind=int, low=1, agents=("random",),
                            group="random and sensitivity baselines")
     sensitivity_step: float = setting(0.1, "sensitivity: spacing of the keep ratios on each group's curve",
@@ -181,7 +195,7 @@ RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["on_resume"])
 
 # what a run directory written before a setting existed was searched with
 BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "equal_steps": 0, "allow_other_device": False,
-                  "action_mapping": "absolute"}
+                  "action_mapping": "absolute", "actor_penalty": 0.0}
 
 
 def coerce(name: str, value: Any) -> Any:

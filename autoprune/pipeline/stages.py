@@ -20,7 +20,7 @@ from autoprune.devices import resolve_device
 from autoprune.errors import AutopruneError
 from autoprune.pipeline.protocol import SearchContext
 from autoprune.pipeline.registry import make_searcher
-from autoprune.pipeline.settings import (RESUMABLE, ResumeMismatch, SearchSettings, SettingError,
+from autoprune.pipeline.settings import (FIELDS, RESUMABLE, ResumeMismatch, SearchSettings, SettingError,
                                          settings_from_saved)
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def load_inputs(settings: SearchSettings, *, download: bool = True) -> Inputs:
 def check_settings(settings: SearchSettings):
     """Every check that needs no model or data; returns (budget, searcher)."""
     settings.check()
-    resolve_device(settings.device)  # a device this machine lacks is refused before anything is loaded
+    device = resolve_device(settings.device)  # a device this machine lacks is refused before anything is loaded
+    if settings.amp and device.type != "cuda":
+        raise SettingError("amp", f"mixed precision runs on a CUDA device only; this search runs on {device}")
     if settings.budget is None:
         raise SettingError("budget", "a budget is required, e.g. 50%flops")
     budget = parse_budget(settings.budget)
@@ -211,11 +213,14 @@ def resume_search(path: str | Path, *, changes: dict[str, Any] | None = None, in
         settings = settings_from_saved(saved)
         changes = dict(changes or {})
         differ = [(name, value, getattr(settings, name)) for name, value in changes.items()
-                  if name not in RESUMABLE and value != getattr(settings, name)]
+                  if value != getattr(settings, name) and (
+                      name not in RESUMABLE or (FIELDS[name].metadata["on_resume"] == "grow"
+                                                and value is not None and value < getattr(settings, name)))]
         if differ:
             raise ResumeMismatch(run.path, differ)
-        settings = settings.replace(**{name: value for name, value in changes.items()
-                                       if name in RESUMABLE and value is not None})
+        allowed = {name: value for name, value in changes.items()
+                   if name in RESUMABLE and value is not None and value != getattr(settings, name)}
+        settings = settings.replace(**allowed)
         budget, searcher = check_settings(settings)
         if saved.get("model_from_python") and inputs is None:
             raise AutopruneError(f"{run.path} searched a model given from Python; resume it from Python with the "
@@ -225,10 +230,11 @@ def resume_search(path: str | Path, *, changes: dict[str, Any] | None = None, in
         seed_everything(settings.seed)
         evaluator, constraint, _, agent_config = _prepare(settings, searcher, budget, inputs, progress,
                                                           saved.get("agent_config"))
-        if agent_config is not None and agent_config != saved.get("agent_config"):
-            atomic_write_json(run.path / CONFIG, {**saved, "agent_config": agent_config,
-                                                  **{key: agent_config[key] for key in RESUMABLE
-                                                     if key in agent_config}})
+        if allowed or (agent_config is not None and agent_config != saved.get("agent_config")):
+            atomic_write_json(run.path / CONFIG, {**saved, **allowed,
+                                                  **({"agent_config": agent_config,
+                                                      **{key: agent_config[key] for key in RESUMABLE
+                                                         if key in agent_config}} if agent_config is not None else {})})
         return _search_and_finish(run, settings, searcher, evaluator, constraint, progress)
     finally:
         run.release()
@@ -244,7 +250,7 @@ def _search_and_finish(run, settings: SearchSettings, searcher, evaluator, const
     metrics, model = finish_run(run, evaluator, result, constraint, search_seconds=search_seconds,
                                 progress=progress, equal_steps=settings.equal_steps, onnx=settings.onnx,
                                 finetune=TrainConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr,
-                                                     seed=settings.seed))
+                                                     seed=settings.seed, amp=settings.amp))
     return SearchOutcome(run=run, metrics=metrics, model=model)
 
 

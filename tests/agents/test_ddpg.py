@@ -186,3 +186,44 @@ def test_noise_decays_to_its_floor_and_no_further():
     for _ in range(10):
         amc.step()
     assert amc.sigma == pytest.approx(0.5 * 0.5 ** 10)
+
+
+def test_the_pre_activation_penalty_adds_its_gradient_and_nothing_else():
+    import torch
+
+    from autoprune.agents.ddpg import PreActivationPenalty
+
+    x = torch.tensor([[2.0], [-1.0], [0.5], [4.0]], requires_grad=True)
+    penalty = PreActivationPenalty(0.3)
+    out = penalty(x)
+    assert torch.equal(out, x)
+    torch.tanh(out).sum().backward()
+    expected = (1 - torch.tanh(x.detach()) ** 2) + 0.3 * x.detach() / 4  # d/dx [Σ tanh + 0.3/2 · mean x²]
+    assert torch.allclose(x.grad, expected)
+    with torch.no_grad():  # targets and actions: no gradient, nothing changes
+        assert torch.equal(penalty(x), x)
+
+
+def test_an_actor_with_the_penalty_stays_off_the_ends_of_its_tanh(env):
+    import torch
+
+    from autoprune.agents.ddpg import PreActivationPenalty
+
+    agent, _ = make_agent(env, AMCConfig(episodes=6, warmup_episodes=3, actor_penalty=0.5))
+    modules = list(agent.actor.mu)
+    assert isinstance(modules[-2], PreActivationPenalty) and isinstance(modules[-1], torch.nn.Tanh)
+    plain, _ = make_agent(env, AMCConfig(episodes=6, warmup_episodes=3))
+    assert not any(isinstance(m, PreActivationPenalty) for m in plain.actor.mu)
+    assert agent.actor.state_dict().keys() == plain.actor.state_dict().keys()  # saved states stay compatible
+    # a critic that always prefers lower actions: without the penalty the actor runs into -1
+    obs = torch.rand(64, env.observation_space.shape[0])
+    finals = []
+    for actor in (plain.actor, agent.actor):
+        optimizer = torch.optim.Adam(actor.parameters(), lr=1e-2)
+        for _ in range(300):
+            optimizer.zero_grad()
+            (actor(obs).mean()).backward()  # loss = -Q with Q = -action
+            optimizer.step()
+        with torch.no_grad():
+            finals.append(float(actor(obs).mean()))
+    assert finals[0] < -0.99 and -0.99 < finals[1] < -0.5

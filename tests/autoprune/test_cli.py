@@ -240,9 +240,9 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
         code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
     assert code == 2 and f"PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
     # flags that contradict the saved settings are refused, naming them
-    code, _, err = run(capsys, "search", "--resume", str(out), "--budget", "30%flops", "--episodes", "50", "--quiet")
+    code, _, err = run(capsys, "search", "--resume", str(out), "--budget", "30%flops", "--episodes", "2", "--quiet")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--budget 30%flops (saved: 50%flops)" in err and "--episodes 50 (saved: 3)" in err
+    assert "--budget 30%flops (saved: 50%flops)" in err and "--episodes 2 (saved: 3; it may only be raised)" in err
     # an output directory that is a file, or that cannot be written, is refused before any work
     (tmp_path / "a_file").write_text("x")
     for target, message in ((tmp_path / "a_file", "is not a directory"), ("/proc/autoprune-run", "cannot write")):
@@ -256,6 +256,25 @@ def test_search_writes_a_complete_run_directory_and_resumes(checkpoint, tmp_path
     assert again["candidate_evaluations"] == metrics["candidate_evaluations"] > 0
     assert again["search_seconds"] >= metrics["search_seconds"]
     assert again["search_breakdown_seconds"]["validation"] == pytest.approx(breakdown["validation"])
+
+
+def test_a_resumed_search_may_run_more_episodes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
+                       *SEARCH_FAST, "--finetune-epochs", "0", "--no-onnx")
+    assert code == 0, err
+    (out / "metrics.json").unlink()  # as if killed after the search
+    code, _, err = run(capsys, "search", "--resume", str(out), "--episodes", "5", "--quiet")
+    assert code == 0, err
+    rows = (out / "history.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert json.loads((out / "config.json").read_text())["episodes"] == 5
+    assert json.loads((out / "metrics.json").read_text())["candidate_evaluations"] >= 5
+    # resumed again without the flag, it keeps the raised count
+    (out / "metrics.json").unlink()
+    code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 0, err
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 5
 
 
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):

@@ -70,3 +70,36 @@ def test_a_search_on_cuda_returns_the_network_on_cuda(trained_tiny, synthetic_da
                               val_images=64, device="cuda", onnx=False, out=tmp_path / "run", progress=False)
     assert next(result.model.parameters()).is_cuda
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["search", *FAST], ["train", "--data", "synthetic", "--epochs", "1"]])
+def test_mixed_precision_off_cuda_is_one_line(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main([*command, "--amp", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--amp: mixed precision runs on a CUDA device only" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_precision_in_the_library_refuses_a_cpu_model(trained_tiny, synthetic_data):
+    from autoprune.train import TrainConfig, train
+
+    model = copy.deepcopy(trained_tiny)
+    with pytest.raises(SettingError, match="CUDA device only; this model is on cpu"):
+        train(model, synthetic_data, TrainConfig(epochs=1, amp=True, max_steps_per_epoch=1), progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_mixed_precision_trains_on_cuda_and_resumes(trained_tiny, synthetic_data, tmp_path):
+    from autoprune.train import TrainConfig, evaluate, train
+
+    model = copy.deepcopy(trained_tiny).cuda()
+    before = evaluate(model, synthetic_data, "val")["accuracy"]
+    config = TrainConfig(epochs=2, amp=True, lr=0.01, batch_size=64, max_steps_per_epoch=5, augment=False)
+    history = train(model, synthetic_data, config, state_path=tmp_path / "state", progress=False)
+    assert len(history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert evaluate(model, synthetic_data, "val")["accuracy"] >= before - 0.05
+    assert torch.load(tmp_path / "state", weights_only=False)["scaler"] is not None

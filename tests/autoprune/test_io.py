@@ -1,3 +1,4 @@
+import os
 import threading
 import time
 
@@ -86,3 +87,17 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         from autoprune.runs import Run
 
         Run.open(tmp_path / "nothing", write=True)
+
+
+def test_a_released_lock_leaves_no_file_and_a_dead_holder_s_file_is_taken_over(tmp_path):
+    from autoprune.io import WriterLock
+
+    path = tmp_path / ".lock"
+    with WriterLock(path, "this"):
+        assert path.is_file()
+    assert not path.exists()
+    path.write_text("12345\n")  # left by a process that was killed: its lock died with it
+    lock = WriterLock(path, "this")
+    assert path.read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert not path.exists()

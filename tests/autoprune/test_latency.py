@@ -113,11 +113,11 @@ def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
     real = latency.time_runs
     calls = {"n": 0}
 
-    def dies_after_thirty(run, warmup, runs):
+    def dies_after_thirty(run, warmup, runs, clock):
         calls["n"] += 1
         if calls["n"] > 30:
             raise KeyboardInterrupt
-        return real(run, warmup, runs)
+        return real(run, warmup, runs, clock)
 
     monkeypatch.setattr(latency, "time_runs", dies_after_thirty)
     with pytest.raises(KeyboardInterrupt):
@@ -133,9 +133,9 @@ def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
 
     counted = {"n": 0}
 
-    def counting(run, warmup, runs):
+    def counting(run, warmup, runs, clock):
         counted["n"] += 1
-        return real(run, warmup, runs)
+        return real(run, warmup, runs, clock)
 
     monkeypatch.setattr(latency, "time_runs", counting)
     table = build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, rounds=2, calibration_samples=2,
@@ -180,6 +180,100 @@ def test_onnxruntime_lut_builds_and_validates(tmp_path):
     assert table.runtime["backend"] == "onnxruntime" and table.runtime["backend_version"]
     result = validate_lut(table, model, description, samples=3, warmup=1, runs=3, progress=False)
     assert len(result["rows"]) == 3 and all(r["measured_ms"] > 0 for r in result["rows"])
+
+
+def test_openvino_unit_graph_computes_what_the_torch_unit_computes():
+    pytest.importorskip("openvino")
+    backend = get_backend("openvino", 1)
+    description = describe_network(tiny_net(), SHAPE)
+    for layer in description.layers:
+        if layer.kind not in ("conv", "dwconv", "linear"):
+            continue
+        cin = 4 if layer.kind != "linear" else 8
+        unit = unit_module(layer, cin, 8)
+        unit._autoprune_unit = True
+        with torch.no_grad():
+            for m in unit.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+        shape = latency.unit_input_shape(layer, cin, 8, 2)
+        got = backend.runner(unit, shape)()
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)  # the runner's input
+        with torch.no_grad():
+            want = unit(torch.from_numpy(x)).numpy()
+        assert np.allclose(got[0], want, atol=1e-4), layer.name
+
+
+def test_openvino_lut_builds_validates_and_times_whole_networks(tmp_path):
+    pytest.importorskip("openvino")
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    table = build_lut(model, description, get_backend("openvino", 1), tmp_path / "ov.json", channel_step=8,
+                      warmup=1, runs=3, calibration_samples=2, progress=False, pin=False)
+    assert table.runtime["backend"] == "openvino" and table.runtime["backend_version"]
+    assert table.data["device"]["cpu"] == latency.cpu_model()
+    result = validate_lut(table, model, description, samples=3, warmup=1, runs=3, progress=False)
+    assert len(result["rows"]) == 3 and all(r["measured_ms"] > 0 for r in result["rows"])
+    timed = latency.measure_latency_here([model], SHAPE, table)
+    assert timed["settings"]["backend"] == "openvino" and "note" not in timed["settings"]
+
+
+def test_a_backend_clock_times_every_call(tmp_path):
+    """Whatever clock a backend brings (CUDA events on a GPU) is what the table stores."""
+
+    class FixedClock(TorchBackend):
+        name = "fixed"
+
+        def clock(self, run):
+            run()
+            return 2_000_000  # 2 ms per call, whatever the call
+
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    table = build_lut(model, description, FixedClock(1), tmp_path / "fixed.json", channel_step=8, warmup=1, runs=3,
+                      calibration_samples=2, progress=False, pin=False)
+    values = {v for e in table.data["entries"].values() for row in e["ms"] for v in row}
+    assert values == {2.0} and set(table.data["call_overhead_ms"].values()) == {2.0}
+    assert {p["measured_ms"] for p in table.calibration["points"]} == {2.0}
+
+
+def test_torch_cuda_backend_without_a_gpu_is_one_clear_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(AutopruneError, match="backend torch-cuda needs a CUDA GPU and none is visible"):
+        get_backend("torch-cuda", 1)
+    from autoprune.cli import main
+    code = main(["lut", "build", "--model", "tests.autoprune.user_model:small_cnn", "--input-shape", "1,8,8",
+                 "--backend", "torch-cuda", "--out", str(tmp_path / "x.json")])
+    assert code == 2 and not (tmp_path / "x.json").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "autoprune: error: backend torch-cuda needs a CUDA GPU and none is visible here "
+        "(torch.cuda.is_available() is False)"]
+
+
+@pytest.mark.cuda
+def test_torch_cuda_lut_builds_with_cuda_events(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    backend = get_backend("torch-cuda", 1)
+    assert backend.default_batch == 64
+    table = build_lut(model, description, backend, tmp_path / "gpu.json", batch=backend.default_batch,
+                      channel_step=8, warmup=2, runs=3, calibration_samples=2, progress=False, pin=False)
+    assert table.data["device"]["gpu"] == torch.cuda.get_device_name(0)
+    assert latency.same_device(table.data["device"])
+    result = validate_lut(table, model, description, samples=3, warmup=1, runs=3, progress=False)
+    assert all(r["measured_ms"] > 0 for r in result["rows"])
+
+
+def test_a_gpu_table_belongs_to_its_gpu_only(monkeypatch):
+    here = latency.device_metadata()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not latency.same_device({**here, "gpu": "NVIDIA A100-SXM4-40GB", "gpu_capability": "8.0"})
+    assert latency.describe_device({**here, "gpu": "NVIDIA A100-SXM4-40GB", "gpu_capability": "8.0"}) == \
+        "NVIDIA A100-SXM4-40GB (compute capability 8.0)"
 
 
 def test_latency_budgets_go_through_the_lut(tiny_lut):
@@ -231,6 +325,23 @@ def test_missing_backend_is_one_clear_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "autoprune: error: backend onnxruntime is not installed: pip install onnxruntime "
         "(or pip install 'autoprune[onnx]')"]
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_missing_openvino_is_one_clear_line(tmp_path):
+    script = (
+        "import sys\n"
+        "sys.modules['openvino'] = None\n"
+        "from autoprune.cli import main\n"
+        "sys.exit(main(['lut', 'build', '--model', 'tests.autoprune.user_model:small_cnn', '--input-shape', '1,8,8',"
+        f" '--backend', 'openvino', '--out', {str(tmp_path / 'x.json')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "autoprune: error: backend openvino is not installed (openvino is missing): pip install openvino onnx "
+        "(or pip install 'autoprune[openvino]')"]
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_a_lut_counts_as_this_device_only_when_name_and_cpu_id_match(monkeypatch):

@@ -27,7 +27,7 @@ def test_every_setting_is_a_flag_of_search_with_the_dataclass_default():
     ({"finetune_lr": float("nan")}, "finetune_lr", "finite"),
     ({"score_steps": -1}, "score_steps", "at least 0"),
     ({"score_steps": "sometimes"}, "score_steps", "or 'auto'"),
-    ({"action_mapping": "relative"}, "action_mapping", "feasible, absolute"),
+    ({"action_mapping": "relative"}, "action_mapping", "feasible, centred, absolute"),
     ({"criterion": "l3"}, "criterion", "l1"),
     ({"allow_other_device": "yes"}, "allow_other_device", "True or False"),
     ({"seed": None}, "seed", "may not be None"),
@@ -50,9 +50,9 @@ def test_unknown_names_are_listed_and_numbers_are_coerced():
 def test_a_run_written_before_a_setting_existed_resumes_with_what_it_was_searched_with():
     saved = {"budget": "50%flops", "agent": "ddpg", "episodes": 300, "model_name": "x", "groups": ["a"]}
     settings = settings_from_saved(saved)
-    assert settings.episodes == 300 and settings.fill == 0.0 and settings.action_mapping == "absolute"
+    assert settings.episodes == 300 and settings.fill == 0.0 and settings.action_mapping == "absolute" and settings.actor_penalty == 0.0
     assert settings.score_steps == 0 and settings.equal_steps == 0
-    assert set(RESUMABLE) == {"workers", "max_iterations"}
+    assert set(RESUMABLE) == {"workers", "max_iterations", "episodes"}
 
 
 @pytest.mark.parametrize("argv, flag", [

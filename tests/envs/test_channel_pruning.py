@@ -161,3 +161,29 @@ def test_feasible_mapping_spends_the_whole_action_range_between_the_bounds(evalu
     assert len(feasible_counts) >= len(absolute_counts)
     with pytest.raises(AutopruneError, match="action mapping"):
         ChannelPruningEnv(evaluator, parse_budget("50%flops"), action_mapping="sideways")
+
+
+@pytest.mark.parametrize("budget", ["50%flops", "45%latency"])
+def test_centred_mapping_puts_action_zero_at_the_uniform_policy(evaluator, formula_lut, budget):
+    from autoprune.budgets import Constraint
+    from autoprune.costs import group_keep
+
+    env = ChannelPruningEnv(evaluator, parse_budget(budget), lut=formula_lut, lower_bound=0.1,
+                            action_mapping="centred")
+    for actions in adversarial_sequences(len(env.groups))[1:4]:  # inside the budget and the fill bound, whatever it does
+        _, info = run_episode(env, actions)
+        assert 0.95 * parse_budget(budget).fraction - 1e-9 <= info["cost_ratio"] <= parse_budget(budget).fraction + 1e-9
+    env.reset(seed=0)
+    for t in range(len(env.groups)):
+        low, high = env.count_range(t)
+        counts = [env.action_to_count(t, a) for a in np.linspace(-1, 1, 9)]
+        assert counts[0] == low and counts[-1] == high and counts == sorted(counts)
+        assert env.action_to_count(t, 0.0) == min(max(env.even_count(t), low), high)
+        _, _, _, _, info = env.step(np.array([0.0], dtype=np.float32))
+        assert info["effective_action"] == 0.0 or high == low or \
+            env._kept[env.groups[t].name] != min(max(env.even_count(t), low), high)
+    # all zeros: the uniform policy at the budget, but for the rounding that earlier groups pass on
+    ratio = Constraint(parse_budget(budget), evaluator.description, formula_lut).uniform_ratio()
+    for g in env.groups:
+        uniform = max(group_keep(g, ratio), group_keep(g, 0.1))
+        assert abs(env._kept[g.name] - uniform) <= max(2, 0.1 * g.channels), (g.name, env._kept[g.name], uniform)
