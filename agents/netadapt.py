@@ -97,6 +97,7 @@ class ProposalSettings:
     bn_batch_size: int
     val_images: int  # validation images scored
     evaluator_seed: int  # recalibration batches and the random criterion
+    device: str = "cpu"  # where a proposal is fine-tuned, recalibrated and scored (pruned on the CPU)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def evaluate_proposal(task: ProposalTask, data: DataBundle) -> ProposalResult:
     """
     settings = task.settings
     started = time.perf_counter()
-    model = prune_group(model_from_bytes(task.model), task)
+    model = prune_group(model_from_bytes(task.model), task).to(settings.device)
     pruned = time.perf_counter()
     if settings.short_term_steps > 0:
         train(model, data, TrainConfig(epochs=1, batch_size=settings.short_term_batch_size, lr=settings.short_term_lr,
@@ -160,7 +161,7 @@ def evaluate_proposal(task: ProposalTask, data: DataBundle) -> ProposalResult:
     seconds = {"prune": pruned - started, "short_term_finetune": tuned - pruned,
                "bn_recalibration": recalibrated - tuned, "validation": time.perf_counter() - recalibrated}
     return ProposalResult(group=task.group, channels_after=task.channels_after, accuracy=accuracy,
-                          model=model_to_bytes(model), seconds=seconds)
+                          model=model_to_bytes(model.cpu()), seconds=seconds)
 
 
 # ---------------------------------------------------------------- executors
@@ -349,7 +350,7 @@ def _settings(evaluator: PolicyEvaluator, config: NetAdaptConfig) -> ProposalSet
                             channel_multiple=ec.channel_multiple, short_term_steps=config.short_term_steps,
                             short_term_batch_size=config.short_term_batch_size, short_term_lr=config.short_term_lr,
                             bn_batches=ec.bn_batches, bn_batch_size=ec.bn_batch_size, val_images=ec.val_images,
-                            evaluator_seed=ec.seed)
+                            evaluator_seed=ec.seed, device=str(ec.device))
 
 
 def _load_state(run: Run, fingerprint: dict) -> dict | None:

@@ -103,3 +103,14 @@ def test_mixed_precision_trains_on_cuda_and_resumes(trained_tiny, synthetic_data
     assert len(history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
     assert evaluate(model, synthetic_data, "val")["accuracy"] >= before - 0.05
     assert torch.load(tmp_path / "state", weights_only=False)["scaler"] is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_netadapt_scores_its_proposals_on_the_device(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert main(["search", "--model", str(checkpoint), "--agent", "netadapt", "--budget", "70%flops", "--data",
+                 "synthetic", "--val-size", "400", "--short-term-steps", "2", "--val-images", "64", "--bn-batches",
+                 "2", "--finetune-epochs", "0", "--no-onnx", "--device", "cuda", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["device"] == "cuda"
+    assert (out / "metrics.json").is_file()
