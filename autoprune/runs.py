@@ -95,7 +95,8 @@ class Run:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AutopruneError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise AutopruneError(f"cannot read {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") \
+                from None
         missing = [key for key in ("agent", "budget") if not isinstance(data, dict) or key not in data]
         if missing:
             raise AutopruneError(f"{path} is damaged: it holds no {' and no '.join(missing)}; a run directory's "

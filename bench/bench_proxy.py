@@ -15,6 +15,8 @@ parallel on separate cores share one table.
     taskset -c 0 python bench/bench_proxy.py --shard 0/2 --threads 1 &
     taskset -c 1 python bench/bench_proxy.py --shard 1/2 --threads 1 --policy amc=runs/X/best_policy.json &
     python bench/bench_proxy.py --report
+
+A latency budget takes `--lut FILE`.
 """
 
 from __future__ import annotations
@@ -32,23 +34,22 @@ from autoprune.budgets import DEFAULT_FILL, parse_budget, uniform_ratio_for_budg
 from autoprune.costs import policy_cost, uniform_policy
 from autoprune.data import load_data
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from autoprune.latency import spearman, this_device
+from autoprune.latency import load_lut, spearman, this_device
 from autoprune.models import DEFAULT_CHECKPOINT, load_model
 from autoprune.train import TrainConfig, evaluate, train
 from autoprune.envs.channel_pruning import ChannelPruningEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_amc import finetuned_test_accuracy  # noqa: E402
 from bench_core import read_rows, write_section  # noqa: E402
 
 STEPS = (20, 50, 200)
 
 
 def candidates(evaluator: PolicyEvaluator, budget_text: str, count: int, seed: int,
-               files: list[str]) -> list[tuple[str, dict]]:
+               files: list[str], lut=None) -> list[tuple[str, dict]]:
     """(label, policy): `count` random policies through the environment, uniform, then the files."""
-    env = ChannelPruningEnv(evaluator, parse_budget(budget_text), fill=DEFAULT_FILL)
+    env = ChannelPruningEnv(evaluator, parse_budget(budget_text), lut=lut, fill=DEFAULT_FILL)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -58,11 +59,18 @@ def candidates(evaluator: PolicyEvaluator, budget_text: str, count: int, seed: i
         out.append((f"random-{seed}-{i}", info["policy"]))
     description = evaluator.description
     out.append(("uniform", uniform_policy(description, uniform_ratio_for_budget(parse_budget(budget_text),
-                                                                                description))))
+                                                                                description, lut))))
     for item in files:
         label, _, path = item.rpartition("=")
         out.append((label or path, json.loads(Path(path).read_text())["policy"]))
     return out
+
+
+def finetuned_test_accuracy(evaluator: PolicyEvaluator, policy: dict, config: TrainConfig) -> float:
+    """Test accuracy of the network `evaluator.prune` gives for `policy`, fine-tuned with `config`."""
+    model = evaluator.prune(policy)
+    train(model, evaluator.data, config, progress=False)
+    return evaluate(model, evaluator.data, "test")["accuracy"]
 
 
 def measure(evaluator: PolicyEvaluator, policy: dict, seed: int) -> dict:
@@ -81,6 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="25%flops")
     parser.add_argument("--policies", type=int, default=12, help="random policies drawn through the environment")
+    parser.add_argument("--lut", default=None, help="latency table, for latency budgets")
     parser.add_argument("--policy", action="append", default=[], help="[LABEL=]best_policy.json to measure too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard", default="0/1", help="I/N: measure every N-th candidate from the I-th")
@@ -101,7 +110,9 @@ def main() -> int:
         base_flops = policy_cost(evaluator.description, {}).flops
         index, shards = (int(part) for part in args.shard.split("/"))
         done = {(r["device"], r["budget"], r["label"]) for r in read_rows(rows_file)}
-        for label, policy in candidates(evaluator, args.budget, args.policies, args.seed, args.policy)[index::shards]:
+        lut = load_lut(args.lut) if args.lut else None
+        for label, policy in candidates(evaluator, args.budget, args.policies, args.seed, args.policy,
+                                        lut)[index::shards]:
             if (device, args.budget, label) in done:
                 continue
             row = {"device": device, "date": datetime.date.today().isoformat(), "budget": args.budget,
