@@ -190,8 +190,7 @@ class Run:
         """Add one search session's wall time to the run's total and return the total, so a
         search resumed after a kill in fine-tuning still reports how long it searched."""
         path = self.state_dir / SEARCH_TIME
-        previous = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-        total = previous + seconds
+        total = self._search_seconds(path) + seconds
         atomic_write_json(path, {"seconds": total})
         return total
 
@@ -199,9 +198,21 @@ class Run:
         """Make the run's search time at least `seconds` (what a searcher's saved state says
         its earlier sessions spent, killed ones included)."""
         path = self.state_dir / SEARCH_TIME
-        previous = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-        if seconds > previous:
+        if seconds > self._search_seconds(path):
             atomic_write_json(path, {"seconds": seconds})
+
+    @staticmethod
+    def _search_seconds(path: Path) -> float:
+        """The search time recorded so far (0 where none is). A damaged record counts as none:
+        the searchers' saved states carry their own time, which raises it again."""
+        if not path.is_file():
+            return 0.0
+        try:
+            return float(json.loads(path.read_text(encoding="utf-8"))["seconds"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is damaged (%s); the search time is taken from the searcher's saved state", path,
+                        type(exc).__name__)
+            return 0.0
 
     def plot_keep_ratios(self, policy: dict, channels: dict[str, int], title: str) -> Path:
         """Bar chart of the keep ratio of every group (PNG)."""

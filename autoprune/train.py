@@ -179,6 +179,23 @@ def epoch_steps(config: TrainConfig, train_images: int) -> int:
     return min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
 
 
+def _load_training_state(path) -> dict | None:
+    """A saved training state, or None where there is none. A damaged one (cut by a full disk,
+    overwritten) is set aside with a warning: training starts again from its beginning,
+    which gives what the lost state would have led to."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"config", "epoch", "model"} <= set(state):
+            raise ValueError("not a training state")
+        return state
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
+        log.warning("%s is damaged (%s); training starts again from its beginning", path, type(exc).__name__)
+        Path(path).unlink(missing_ok=True)
+        return None
+
+
 def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path: str | os.PathLike | None = None,
           progress: bool = True, eval_split: str = "val") -> list[dict]:
     """Train `model` in place; returns one record per epoch (loss, accuracy, seconds).
@@ -198,8 +215,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, *, state_path
     history: list[dict] = []
     start_epoch = 0
 
-    if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = _load_training_state(state_path)
+    if state is not None:
         if {"amp": False, **(state.get("config") or {})} != asdict(config):  # states from before `amp` lack it
             raise AutopruneError(f"{state_path} holds a run with other settings; delete it to start over "
                                  "or repeat the original command to resume")
