@@ -320,10 +320,12 @@ def parse_keep_range(text: str) -> tuple[float, float]:
 
 
 def cmd_lut_validate(args) -> int:
-    from autoprune.io import atomic_write_json
+    from autoprune.io import atomic_write_json, check_output_file
     from autoprune.latency import load_lut, validate_lut
 
     low, high = parse_keep_range(args.keep_range)
+    if args.out:
+        check_output_file(args.out)
     table = load_lut(args.lut)
     model, description, _ = _model_for_lut(args)
     result = validate_lut(table, model, description, samples=args.samples, seed=args.seed, rounds=args.rounds,
@@ -380,12 +382,18 @@ def cmd_search(args) -> int:
 
 def cmd_compare(args) -> int:
     from autoprune.comparison import check_equal_training, load_runs, new_comparison_dir, write_comparison
+    from autoprune.io import check_writable_under
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise AutopruneError(f"{out} exists and is not a directory; choose another output directory")
+        check_writable_under(out)
     records = load_runs(args.runs)
     if args.equal_training:
         steps = check_equal_training(records)
         print(f"equal training: every run had {steps} SGD steps after pruning")
-    out = Path(args.out) if args.out else new_comparison_dir()
+    out = out or new_comparison_dir()
     _, markdown, written = write_comparison(records, out)
     print(markdown)
     print(f"wrote {', '.join(p.name for p in written)} in {out}")

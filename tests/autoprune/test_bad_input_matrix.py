@@ -245,6 +245,14 @@ CASES: dict[str, Case] = {
                                    "cannot write"),
     "lut build --out unwritable": Case(lambda w, here: ["lut", "build", "--model", str(w["checkpoint"]), "--out",
                                                         "/proc/autoprune/lut.json"], 2, "cannot write"),
+    "compare --out unwritable": Case(lambda w, here: ["compare", str(w["finished"]), "--out", "/proc/autoprune/cmp"],
+                                     2, "cannot write"),
+    "compare --out an existing file": Case(lambda w, here: ((here / "taken").write_text("mine"),
+                                                            ["compare", str(w["finished"]), "--out",
+                                                             str(here / "taken")])[1], 2, "is not a directory"),
+    "lut validate --out unwritable": Case(lambda w, here: ["lut", "validate", "--lut", str(w["lut"]), "--model",
+                                                           str(w["checkpoint"]), "--out", "/proc/autoprune/v.json"],
+                                          2, "cannot write"),
     # --- data and devices
     "data factory that returns a number": Case(
         lambda w, here: ["train", "--data", "tests.autoprune.user_data:not_callable", "--out", str(here / "n.pt")], 2,
