@@ -66,7 +66,11 @@ class ChannelPruningEnv(gym.Env):
     same effect. (Measured at 50 % latency: with `absolute` the actor settled at "keep
     everything", the bounds doing all the allocating; with `feasible` it settled at the
     other edge, every group at its lowest allowed count. Neither mapping keeps DDPG's
-    actor off the edges; BENCHMARKS.md.)
+    actor off the edges; BENCHMARKS.md.) With `"centred"` the same range is split at the
+    count the uniform policy over the groups still to decide would give (`even_count`):
+    actions in [−1, 0] map linearly onto the counts from the lower end of the range up to
+    that count, actions in [0, 1] onto the counts from it up to the action bound, so an
+    actor that outputs 0 everywhere reproduces the uniform policy.
 
     ## Observation Space
     `Box(0, 1, (11,), float32)`, AMC's layer embedding, each feature scaled to [0, 1]:
@@ -98,7 +102,7 @@ class ChannelPruningEnv(gym.Env):
     - `reward`: a key of `REWARDS` (default `acc`).
     - `fill`: share of the budget every episode is steered to use, in [0, 1] (default
       0.95; 0 turns the bound off, as in AMC).
-    - `action_mapping`: `feasible` (default) or `absolute` (see Action Space).
+    - `action_mapping`: `feasible` (default), `centred` or `absolute` (see Action Space).
 
     ## Version History
     - v1: the group's, removed and remaining shares are of the budget's resource (latency
