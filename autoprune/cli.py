@@ -382,13 +382,11 @@ def cmd_search(args) -> int:
 
 def cmd_compare(args) -> int:
     from autoprune.comparison import check_equal_training, load_runs, new_comparison_dir, write_comparison
-    from autoprune.io import check_writable_under
+    from autoprune.io import check_output_dir
 
     out = Path(args.out) if args.out else None
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise AutopruneError(f"{out} exists and is not a directory; choose another output directory")
-        check_writable_under(out)
+        check_output_dir(out)
     records = load_runs(args.runs)
     if args.equal_training:
         steps = check_equal_training(records)

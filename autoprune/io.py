@@ -44,6 +44,14 @@ def check_writable_under(path: str | os.PathLike) -> None:
                              f"{path.name}") from None
 
 
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse an output directory that is a file or cannot be created (before any work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AutopruneError(f"{path} exists and is not a directory; choose another output directory")
+    check_writable_under(path)
+
+
 def check_output_file(path: str | os.PathLike) -> None:
     """Refuse an output file that names a directory or cannot be written (before any work)."""
     path = Path(path)

@@ -787,11 +787,7 @@ def measure_networks(backend: LatencyBackend, models: list[nn.Module], input_sha
     for round_index in range(rounds):
         for j in range(n):
             i = (j + round_index) % n
-            run = runners[i]
-            for _ in range(warmup):
-                run()
-            samples = [backend.clock(run) for _ in range(runs)]
-            best[i] = min(best[i], statistics.median(samples) / 1e6)
+            best[i] = min(best[i], time_runs(runners[i], warmup, runs, backend.clock))
             if progress is not None:
                 progress.update(1)
     return best

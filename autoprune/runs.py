@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_under
+from autoprune.io import WriterLock, atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,10 @@ def new_run_dir(root: str | os.PathLike, agent: str, budget_tag: str) -> Path:
 def check_new_run_dir(path: Path) -> None:
     """Refuse a new run's directory that is a file, holds another run, or cannot be written
     (checked before any work is done, and again when the run is created)."""
-    if path.exists() and not path.is_dir():
-        raise AutopruneError(f"{path} exists and is not a directory; choose another output directory")
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise AutopruneError(f"{path} already exists and is not empty; resume the search there, or choose another "
                               "output directory")
-    check_writable_under(path)
+    check_output_dir(path)
 
 
 class Run:

@@ -141,9 +141,9 @@ def test_killed_build_resumes_without_losing_entries(tmp_path, monkeypatch):
     table = build_lut(model, description, TorchBackend(1), path, warmup=1, runs=2, rounds=2, calibration_samples=2,
                       progress=False, pin=False)
     total = sum(len(e["in"]) * len(e["out"]) for e in table.data["entries"].values())
-    # the rest of two passes over overheads and grid (the calibration networks are timed in turn,
-    # call by call, not through time_runs)
-    assert counted["n"] == 2 * (shapes + total) - 30
+    # the rest of two passes over overheads and grid, then two passes over the three calibration
+    # networks (the unpruned one and two policies), each timed through time_runs too
+    assert counted["n"] == 2 * (shapes + total) - 30 + 2 * 3
     assert table.data["complete"]
     with pytest.raises(AutopruneError, match="already holds a finished LUT"):
         build_lut(model, description, TorchBackend(1), path, progress=False, pin=False)
@@ -312,35 +312,23 @@ def test_builder_runs_without_the_search_dependencies(tmp_path):
     assert load_lut(tmp_path / "lut.json").data["complete"]
 
 
-def test_missing_backend_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("module, backend, message", [
+    ("onnxruntime", "onnxruntime", "backend onnxruntime is not installed: pip install onnxruntime "
+                                   "(or pip install 'autoprune[onnx]')"),
+    ("openvino", "openvino", "backend openvino is not installed (openvino is missing): pip install openvino onnx "
+                             "(or pip install 'autoprune[openvino]')"),
+])
+def test_a_missing_runtime_is_one_clear_line(tmp_path, module, backend, message):
     script = (
         "import sys\n"
-        "sys.modules['onnxruntime'] = None\n"
+        f"sys.modules[{module!r}] = None\n"
         "from autoprune.cli import main\n"
         "sys.exit(main(['lut', 'build', '--model', 'tests.autoprune.user_model:small_cnn', '--input-shape', '1,8,8',"
-        f" '--backend', 'onnxruntime', '--out', {str(tmp_path / 'x.json')!r}]))\n"
+        f" '--backend', {backend!r}, '--out', {str(tmp_path / 'x.json')!r}]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "autoprune: error: backend onnxruntime is not installed: pip install onnxruntime "
-        "(or pip install 'autoprune[onnx]')"]
-    assert not (tmp_path / "x.json").exists()
-
-
-def test_missing_openvino_is_one_clear_line(tmp_path):
-    script = (
-        "import sys\n"
-        "sys.modules['openvino'] = None\n"
-        "from autoprune.cli import main\n"
-        "sys.exit(main(['lut', 'build', '--model', 'tests.autoprune.user_model:small_cnn', '--input-shape', '1,8,8',"
-        f" '--backend', 'openvino', '--out', {str(tmp_path / 'x.json')!r}]))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "autoprune: error: backend openvino is not installed (openvino is missing): pip install openvino onnx "
-        "(or pip install 'autoprune[openvino]')"]
+    assert done.stderr.strip().splitlines() == [f"autoprune: error: {message}"]
     assert not (tmp_path / "x.json").exists()
 
 
