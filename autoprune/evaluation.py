@@ -8,7 +8,10 @@ training batches (EagleEye's adaptive BN). The test set is never used here.
 At budgets that remove most of a network, every candidate scores near chance after
 recalibration alone, and a search steered by that score is steered by noise. There
 `score_steps` SGD steps on a fixed set of training batches (the same for every
-candidate) come first: cheap, and enough to tell a good allocation from a bad one.
+candidate) come first: cheap, and enough to tell a good allocation from a bad one. The
+batches are augmented as the fine-tune's are (`score_augment`): steps on plain batches,
+with BatchNorm recalibrated after them, favoured networks that fit those batches and then
+fine-tuned worst (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class EvaluatorConfig:
     score_steps: int = 0  # SGD steps on fixed training batches before a candidate is scored (0: none)
     score_lr: float = 0.01  # learning rate of those steps (cosine to 0)
     score_batch_size: int = 64  # images per step
+    score_augment: bool = True  # those batches randomly cropped (and flipped where valid), as fine-tuning trains
     device: str = "cpu"  # where candidates are fine-tuned, recalibrated and scored (pruning runs on the CPU)
 
 
@@ -104,12 +108,14 @@ class PolicyEvaluator:
 
     def short_finetune(self, model: nn.Module) -> nn.Module:
         """`score_steps` SGD steps (Nesterov momentum, cosine learning rate) on the same fixed
-        training batches for every candidate. Draws only from its own generator: a search's
-        other random streams are untouched."""
+        training batches for every candidate, augmented once (`score_augment`) as the
+        fine-tune augments its batches. Draws only from its own generator: a search's other
+        random streams are untouched."""
         steps, batch_size = self.config.score_steps, self.config.score_batch_size
         if self._score_batches is None:
             generator = torch.Generator().manual_seed(self.config.seed + 1)
             self._score_batches = list(self.data.batches("train", batch_size, shuffle=True, generator=generator,
+                                                         augment=self.config.score_augment,
                                                          limit=steps * batch_size))
         optimizer = torch.optim.SGD(model.parameters(), lr=self.config.score_lr, momentum=0.9, nesterov=True)
         model.train()
@@ -126,7 +132,7 @@ class PolicyEvaluator:
 
     def accuracy(self, policy: Mapping[str, float]) -> float:
         """Validation accuracy (fraction) of `policy` after BN recalibration."""
-        key = (self.config.score_steps, *policy_channels(self.description, policy, self.config.channel_multiple).values())
+        key = (self.config.score_steps, self.config.score_augment, *policy_channels(self.description, policy, self.config.channel_multiple).values())
         if key not in self._cache:
             started = time.perf_counter()
             model = self.prune(policy, inference_only=True)

@@ -11,8 +11,8 @@ accuracy before fine-tuning, test accuracy as run and at equal training, and the
 over uniform and over Torch-Pruning's global pruning with the same seed; and a plot of
 test accuracy against measured latency with every seed.
 
-    python bench/bench_latency_budget.py --lut latency_luts/FILE.json --worker 0/2 &
-    python bench/bench_latency_budget.py --lut latency_luts/FILE.json --worker 1/2 &
+    taskset -c 0 python bench/bench_latency_budget.py --lut latency_luts/FILE.json &
+    taskset -c 1 python bench/bench_latency_budget.py --lut latency_luts/FILE.json &
     python bench/bench_latency_budget.py --lut latency_luts/FILE.json --measure --report
 
 `--measure` times every finished run's network again, all of them and the unpruned one
@@ -82,15 +82,40 @@ def equal_steps_of(out: Path, seed: int, wait: bool) -> int | None:
     return int(json.loads(metrics.read_text())["training"]["total_steps"])
 
 
+def claim(out: Path, agent: str, seed: int) -> bool:
+    """Take a job for this process: True when no live process holds it (a claim left by a
+    process that has ended is taken over)."""
+    claims = out / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{agent}-s{seed}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text() or 0)
+                os.kill(holder, 0)
+                return holder == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # its process has ended: take it over
+                continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
 def work(args, passthrough: list[str]) -> None:
-    index, count = (int(v) for v in args.worker.split("/"))
+    """Run the jobs in order, each by whichever worker (a process running this command) gets
+    to it first; `OUT/claims` says which process holds which job."""
+    out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     agents = args.agents.split(",")
     jobs = [(agent, seed) for agent in agents for seed in seeds]  # NetAdapt first: the others need its steps
-    for i, (agent, seed) in enumerate(jobs):
-        if i % count != index:
+    for agent, seed in jobs:
+        if finished(run_dir(out, agent, seed)) or not claim(out, agent, seed):
             continue
-        steps = 0 if agent == "netadapt" else equal_steps_of(Path(args.out), seed, wait=True)
+        steps = 0 if agent == "netadapt" else equal_steps_of(out, seed, wait=True)
         search(args, passthrough, agent, seed, steps)
 
 
@@ -233,7 +258,6 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--out", default="runs/bench-latency-budget")
-    parser.add_argument("--worker", default="0/1", help="I/N: run every N-th job starting at I")
     parser.add_argument("--report", action="store_true", help="only summarise the finished runs")
     parser.add_argument("--measure", action="store_true",
                         help="time every finished run's network again first (nothing else may run)")

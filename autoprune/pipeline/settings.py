@@ -105,6 +105,8 @@ class SearchSettings:
         "auto", "SGD steps on fixed training batches before each candidate is scored; auto: 20 when the uniform "
                 "policy at the budget scores below half the unpruned accuracy after BN recalibration alone, else 0",
         kind=int, low=0, auto=True, agents=RANKING)
+    score_augment: bool = setting(True, "random crops (and flips where valid) on the batches of those steps, as "
+                                        "the fine-tune trains", kind=bool, agents=RANKING)
     equal_steps: int = setting(
         0, "equal training: after the fine-tune, go on until the network has had this many SGD steps since "
            "pruning, counting those the search gave it (0: off)", kind=int, low=0)
@@ -194,7 +196,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
 RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["on_resume"])  # a resumed search may change
 
 # what a run directory written before a setting existed was searched with
-BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "equal_steps": 0, "allow_other_device": False,
+BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "score_augment": False, "equal_steps": 0, "allow_other_device": False,
                   "action_mapping": "absolute", "actor_penalty": 0.0}
 
 

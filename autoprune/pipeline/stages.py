@@ -141,7 +141,7 @@ def _prepare(settings: SearchSettings, searcher, budget: Budget, inputs: Inputs,
     evaluator = PolicyEvaluator(inputs.model, inputs.data, EvaluatorConfig(
         criterion=settings.criterion or searcher.default_criterion, channel_multiple=settings.channel_multiple,
         bn_batches=settings.bn_batches, val_images=settings.val_images, seed=settings.seed,
-        device=str(resolve_device(settings.device))))
+        score_augment=settings.score_augment, device=str(resolve_device(settings.device))))
     description = evaluator.description
     if not description.groups:
         raise AutopruneError("the model has no prunable layer (no Conv2d/Linear feeding another layer)")

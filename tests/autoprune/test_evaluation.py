@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -36,3 +38,20 @@ def test_auto_scoring_fine_tunes_only_where_the_uniform_policy_scores_near_chanc
     steps, info = resolve_score_steps(evaluator, harsh)
     assert info["uniform_accuracy"] < 0.5 * info["unpruned_accuracy"]
     assert steps == AUTO_SCORE_STEPS and evaluator.config.score_steps == 0  # decided, not yet set
+
+
+def test_score_steps_train_on_augmented_batches_unless_told_not_to(trained_tiny, synthetic_data):
+    data = dataclasses.replace(synthetic_data, crop_padding=2)  # the generated set has no augmentation of its own
+    config = dict(**FAST, score_steps=3, score_lr=0.05)
+    augmented = PolicyEvaluator(trained_tiny, data, EvaluatorConfig(**config))
+    plain = PolicyEvaluator(trained_tiny, data, EvaluatorConfig(**config, score_augment=False))
+    assert augmented.config.score_augment  # the default
+    policy = uniform_policy(augmented.description, 0.4)
+    augmented.accuracy(policy), plain.accuracy(policy)
+    pairs = list(zip(augmented._score_batches, plain._score_batches))
+    assert len(pairs) == 3
+    assert all(torch.equal(ya, yp) for (_, ya), (_, yp) in pairs)  # the same images drawn
+    assert not all(torch.equal(xa, xp) for (xa, _), (xp, _) in pairs)  # but cropped differently
+    again = PolicyEvaluator(trained_tiny, data, EvaluatorConfig(**config))
+    again.accuracy(policy)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again._score_batches, augmented._score_batches))

@@ -51,7 +51,8 @@ def test_a_run_written_before_a_setting_existed_resumes_with_what_it_was_searche
     saved = {"budget": "50%flops", "agent": "ddpg", "episodes": 300, "model_name": "x", "groups": ["a"]}
     settings = settings_from_saved(saved)
     assert settings.episodes == 300 and settings.fill == 0.0 and settings.action_mapping == "absolute" and settings.actor_penalty == 0.0
-    assert settings.score_steps == 0 and settings.equal_steps == 0
+    assert settings.score_steps == 0 and settings.score_augment is False and settings.equal_steps == 0
+    assert SearchSettings().score_augment is True
     assert set(RESUMABLE) == {"workers", "max_iterations", "episodes"}
 
 
