@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from autoprune.agents.ddpg import AMCConfig, EpisodeTracker, agent_state, make_agent, restore_agent_state
 from autoprune.errors import AutopruneError
-from autoprune.io import BackgroundWriter, atomic_torch_save
+from autoprune.io import BackgroundWriter, atomic_torch_save, atomic_write_json
 from autoprune.runs import BEST_POLICY, Run
 from autoprune.pipeline.protocol import BaseSearcher, SearcherResult
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ddpg_state.pt"
+FINALISTS = "finalists.json"  # the search's best few, scored again (--finalists)
 # per-episode diagnostics of the agent (EpisodeTracker.diagnostics), one column each in history.csv
 TRACE_COLUMNS = ("actor_action", "actor_spread", "sampled_action", "effective_action", "critic_q_first")
 OLD_STATE_FILE = "ddpg.zip"  # SB3 archive of earlier versions, without the random generators
@@ -95,7 +96,8 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     """Search with AMC's DDPG for `config.episodes` episodes (continuing a killed run).
 
     On resume the evaluator's counters are put back to the saved totals; `restored`, if
-    given, receives the agent's own seconds of the earlier sessions ("agent_seconds").
+    given, receives the agent's own seconds of the earlier sessions ("agent_seconds") and
+    the `config.leaders` best distinct episodes of the whole search ("leaders", best first).
     """
     history: list[dict] = []
     groups = len(env.unwrapped.groups)
@@ -103,7 +105,7 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
     before = {"agent_seconds": 0.0, "search_seconds": 0.0}
     state = run.state_dir
     agent, noise = make_agent(env, config, seed)
-    tracker = EpisodeTracker(noise, config.warmup_episodes)
+    tracker = EpisodeTracker(noise, config.warmup_episodes, leaders=config.leaders)
     if (state / OLD_STATE_FILE).is_file() and not (state / STATE_FILE).is_file():
         raise AutopruneError(f"{run.path} was written by an earlier autoprune whose AMC state cannot be resumed "
                              "exactly; start a new search")
@@ -158,14 +160,34 @@ def run_amc(run: Run, env, config: AMCConfig, seed: int = 0, progress: bool = Tr
         if remaining > 0:
             agent.learn(total_timesteps=remaining * groups, callback=tracker, reset_num_timesteps=False)
     bar.close()
+    if restored is not None:
+        restored.update(leaders=list(tracker.leaders))
     return tracker.best
+
+
+def pick_finalist(run: Run, evaluator, leaders: list[dict], steps: int) -> dict:
+    """The leader with the highest validation accuracy after `steps` SGD steps (on the whole
+    validation split; ties go to the search's order). Writes `finalists.json`: each
+    leader's episode, search score and this score, and which was kept."""
+    scores = evaluator.rescore([leader["policy"] for leader in leaders], steps)
+    chosen = max(range(len(leaders)), key=lambda i: (scores[i], -i))
+    atomic_write_json(run.path / FINALISTS, {
+        "steps": steps, "chosen_episode": leaders[chosen]["episode"],
+        "finalists": [{"episode": leader["episode"], "search_accuracy": leader["accuracy"], "reward": leader["reward"],
+                       "accuracy": score, "cost_ratio": leader["cost_ratio"], "policy": leader["policy"]}
+                      for leader, score in zip(leaders, scores)]})
+    log.info("finalists after %d steps: %s; kept episode %d", steps,
+             ", ".join(f"episode {leader['episode']} {score:.4f}" for leader, score in zip(leaders, scores)),
+             leaders[chosen]["episode"])
+    return {**leaders[chosen], "accuracy": scores[chosen], "search_accuracy": leaders[chosen]["accuracy"]}
 
 
 class DDPGSearcher(BaseSearcher):
     """AMC: DDPG on the channel-pruning environment (`run_amc`)."""
 
     name = "ddpg"
-    settings_read = ("episodes", "warmup_episodes", "reward", "fill", "action_mapping", "actor_penalty")
+    settings_read = ("episodes", "warmup_episodes", "reward", "fill", "action_mapping", "actor_penalty", "finalists",
+                     "finalist_steps")
     ranks_candidates = True
 
     def check(self, settings) -> None:
@@ -183,7 +205,7 @@ class DDPGSearcher(BaseSearcher):
                                      lower_bound=s.lower_bound, reward=s.reward, fill=s.fill,
                                      action_mapping=s.action_mapping)
         self.config = AMCConfig(episodes=s.episodes, warmup_episodes=s.warmup_episodes, actor_penalty=s.actor_penalty,
-                                device=context.evaluator.config.device)
+                                leaders=max(1, s.finalists), device=context.evaluator.config.device)
         return None
 
     def run(self, run: Run) -> SearcherResult:
@@ -192,6 +214,8 @@ class DDPGSearcher(BaseSearcher):
         evaluator, env = c.evaluator, self.env
         started, env_started = time.perf_counter(), env.seconds
         best = run_amc(run, env, self.config, seed=c.settings.seed, progress=c.progress, restored=restored)
+        if len(restored["leaders"]) > 1:
+            best = pick_finalist(run, evaluator, restored["leaders"], c.settings.finalist_steps)
         elapsed = time.perf_counter() - started
         agent = restored.get("agent_seconds", 0.0) + max(0.0, elapsed - (env.seconds - env_started))
         return self.result(best, {**evaluator.timings, "agent": agent})

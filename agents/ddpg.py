@@ -63,6 +63,7 @@ class AMCConfig:
     moving_alpha: float = 0.5  # weight of the past in the reward baseline
     buffer_episodes: int = 100  # the replay buffer holds the most recent episodes only
     actor_penalty: float = 0.0  # weight of ½·mean(pre-tanh output²) in the actor's loss (0: DDPG's loss)
+    leaders: int = 1  # the best distinct policies the search keeps (for a closer look after it)
     device: str = "cpu"  # where the actor and critic run
 
 
@@ -261,13 +262,16 @@ class EpisodeTracker(BaseCallback):
     """
 
     def __init__(self, noise: TruncatedNormalNoise, warmup_episodes: int,
-                 on_episode: Callable[[dict], None] | None = None, on_best: Callable[[dict], None] | None = None):
+                 on_episode: Callable[[dict], None] | None = None, on_best: Callable[[dict], None] | None = None,
+                 leaders: int = 1):
         super().__init__()
         self.noise = noise
         self.warmup_episodes = warmup_episodes
         self.on_episode, self.on_best = on_episode, on_best
         self.episode = 0
         self.best: dict | None = None
+        self.keep_leaders = max(1, leaders)
+        self.leaders: list[dict] = []  # the `leaders` best records with distinct policies, best first
         self.rollout_steps = 0  # environment steps since the last rollout ended
         self.pending_updates = 0  # gradient steps a resumed search owes its last episode
         self._finished: list[dict] = []
@@ -291,6 +295,14 @@ class EpisodeTracker(BaseCallback):
                             float(info.get("effective_action", np.nan))))
         self._finished += [info for done, info in zip(self.locals["dones"], self.locals["infos"]) if done]
         return True
+
+    def _rank(self, record: dict) -> None:
+        """Place `record` among the leaders: a new list each time (a saved state shares the old
+        one), a policy already there kept with its first record (the cache scores it the same)."""
+        if any(leader["policy"] == record["policy"] for leader in self.leaders):
+            return
+        ranked = sorted([*self.leaders, record], key=lambda r: (-r["reward"], r["episode"]))
+        self.leaders = ranked[:self.keep_leaders]
 
     def diagnostics(self) -> dict:
         """What the agent did in the rollout just finished, for the history: the actor's own
@@ -326,6 +338,7 @@ class EpisodeTracker(BaseCallback):
                 self.best = record
                 if self.on_best is not None:
                     self.on_best(record)
+            self._rank(record)
             if self.on_episode is not None:
                 self.on_episode(record)
 
@@ -388,7 +401,7 @@ def agent_state(agent: AMCDDPG, tracker: EpisodeTracker) -> dict:
         "buffer": {name: getattr(buffer, name)[:filled].copy() for name in BUFFER_FIELDS}
         | {"pos": buffer.pos, "full": buffer.full, "baseline": buffer.baseline},
         "noise": {"sigma": tracker.noise.sigma, "rng": tracker.noise.rng.bit_generator.state},
-        "tracker": {"episode": tracker.episode, "best": tracker.best,
+        "tracker": {"episode": tracker.episode, "best": tracker.best, "leaders": tracker.leaders,
                     # SB3 trains on the episode right after this rollout, once past the warm-up
                     "pending_updates": tracker.rollout_steps if agent.num_timesteps > agent.learning_starts else 0},
         "rng": {"numpy": np.random.get_state(), "python": random.getstate(), "torch": torch.get_rng_state(),
@@ -416,6 +429,8 @@ def restore_agent_state(agent: AMCDDPG, tracker: EpisodeTracker, state: dict) ->
     tracker.noise.sigma = state["noise"]["sigma"]
     tracker.noise.rng.bit_generator.state = state["noise"]["rng"]
     tracker.episode, tracker.best = state["tracker"]["episode"], state["tracker"]["best"]
+    # a state written before the leaders were kept knows its best alone
+    tracker.leaders = state["tracker"].get("leaders") or ([tracker.best] if tracker.best is not None else [])
     tracker.pending_updates = state["tracker"]["pending_updates"]
     rng = state["rng"]
     np.random.set_state(rng["numpy"])
@@ -427,6 +442,6 @@ def restore_agent_state(agent: AMCDDPG, tracker: EpisodeTracker, state: dict) ->
 def search_policy(env, config: AMCConfig, seed: int = 0, on_episode=None, on_best=None) -> dict:
     """Run AMC's search for `config.episodes` episodes; returns the best episode's record."""
     agent, noise = make_agent(env, config, seed)
-    tracker = EpisodeTracker(noise, config.warmup_episodes, on_episode, on_best)
+    tracker = EpisodeTracker(noise, config.warmup_episodes, on_episode, on_best, leaders=config.leaders)
     agent.learn(total_timesteps=config.episodes * len(env.unwrapped.groups), callback=tracker)
     return tracker.best

@@ -55,8 +55,16 @@ def finished(path: Path) -> bool:
     return (path / "metrics.json").is_file()
 
 
-def search(args, passthrough: list[str], agent: str, seed: int, equal_steps: int) -> None:
-    path = run_dir(Path(args.out), agent, seed)
+def labelled(entry: str) -> tuple[str, str]:
+    """(label, agent) of an `--agents` entry: `LABEL=AGENT` names a variant (its run
+    directories and its row), a bare agent is its own label."""
+    label, _, agent = entry.rpartition("=")
+    return label or agent, agent
+
+
+def search(args, passthrough: list[str], entry: str, seed: int, equal_steps: int) -> None:
+    label, agent = labelled(entry)
+    path = run_dir(Path(args.out), label, seed)
     if finished(path):
         return
     if path.is_dir():
@@ -69,7 +77,7 @@ def search(args, passthrough: list[str], agent: str, seed: int, equal_steps: int
     env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     code = subprocess.call([sys.executable, "-m", "autoprune.cli", *command], env={**os.environ, **env_threads})
     if code != 0:
-        print(f"{agent} seed {seed}: exit {code}", file=sys.stderr)
+        print(f"{label} seed {seed}: exit {code}", file=sys.stderr)
 
 
 def equal_steps_of(out: Path, seed: int, wait: bool) -> int | None:
@@ -112,11 +120,12 @@ def work(args, passthrough: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     agents = args.agents.split(",")
     jobs = [(agent, seed) for agent in agents for seed in seeds]  # NetAdapt first: the others need its steps
-    for agent, seed in jobs:
-        if finished(run_dir(out, agent, seed)) or not claim(out, agent, seed):
+    for entry, seed in jobs:
+        label, agent = labelled(entry)
+        if finished(run_dir(out, label, seed)) or not claim(out, label, seed):
             continue
         steps = 0 if agent == "netadapt" else equal_steps_of(out, seed, wait=True)
-        search(args, passthrough, agent, seed, steps)
+        search(args, passthrough, entry, seed, steps)
 
 
 def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -154,7 +163,8 @@ def report(args) -> int:
     table = load_lut(args.lut)
     runs: dict[str, dict[int, dict]] = {}
     quiet = json.loads((out / "measured.json").read_text()) if (out / "measured.json").is_file() else None
-    for agent in args.agents.split(","):
+    labels = [labelled(entry)[0] for entry in args.agents.split(",")]
+    for agent in labels:
         for seed in (int(s) for s in args.seeds.split(",")):
             path = run_dir(out, agent, seed)
             if finished(path):
@@ -199,7 +209,7 @@ def report(args) -> int:
         "| vs TP global (pp) | search (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for agent in args.agents.split(","):
+    for agent in labels:
         done = runs.get(agent, {})
         if not done:
             lines.append(f"| {agent} | 0 | | | | | | | | | | | |")
@@ -253,7 +263,8 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, budget_ratio: float) -> N
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lut", required=True)
-    parser.add_argument("--agents", default=AGENTS)
+    parser.add_argument("--agents", default=AGENTS, help="comma-separated; LABEL=AGENT runs a variant (options "
+                                                        "after the known ones go to its searches) under its own label")
     parser.add_argument("--budget", default="50%latency")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--finetune-epochs", type=int, default=1)

@@ -127,6 +127,11 @@ class SearchSettings:
     actor_penalty: float = setting(0.0, "weight of ½·mean(pre-tanh output²) in the actor's loss, which keeps the "
                                         "actor off the flat ends of its tanh (0: DDPG's loss)", kind=float, low=0.0,
                                    agents=("ddpg",), group="ddpg (AMC)")
+    finalists: int = setting(0, "after the search, score its best N distinct policies again after --finalist-steps "
+                                "SGD steps on the whole validation split, and keep the best of them (0 or 1: the "
+                                "search's best)", kind=int, low=0, agents=("ddpg",), group="ddpg (AMC)")
+    finalist_steps: int = setting(200, "SGD steps (batch 64, augmented) before each finalist is scored", kind=int,
+                                  low=0, agents=("ddpg",), group="ddpg (AMC)")
     samples: int = setting(100, "random: policies drawn", kind=int, low=1, agents=("random",),
                            group="random and sensitivity baselines")
     sensitivity_step: float = setting(0.1, "sensitivity: spacing of the keep ratios on each group's curve",
@@ -197,7 +202,7 @@ RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["on_resume"])
 
 # what a run directory written before a setting existed was searched with
 BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "score_augment": False, "equal_steps": 0, "allow_other_device": False,
-                  "action_mapping": "absolute", "actor_penalty": 0.0}
+                  "action_mapping": "absolute", "actor_penalty": 0.0, "finalists": 0}
 
 
 def coerce(name: str, value: Any) -> Any:

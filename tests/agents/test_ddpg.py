@@ -65,7 +65,7 @@ def test_final_reward_is_credited_to_every_step_and_the_baseline_is_subtracted_w
     assert set(raw.flatten().tolist()) <= {2.0, 4.0}
 
 
-def kill_after_four_episodes(run, env, monkeypatch) -> None:
+def kill_after_four_episodes(run, env, monkeypatch, config: AMCConfig = SMALL) -> None:
     """Run a search into `run` that is killed once its fourth episode is saved; the saving is
     restored afterwards, for the resume."""
     import autoprune.agents.amc as amc
@@ -80,7 +80,7 @@ def kill_after_four_episodes(run, env, monkeypatch) -> None:
 
     monkeypatch.setattr(amc, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        amc.run_amc(run, env, SMALL, seed=3, progress=False)
+        amc.run_amc(run, env, config, seed=3, progress=False)
     monkeypatch.setattr(amc, "_save_state", real_save)
 
 
@@ -103,6 +103,33 @@ def test_killed_search_resumes_from_its_last_episode(env, tmp_path, monkeypatch)
         assert [r[key] for r in rows] == [r[key] for r in expected]
     assert best["policy"] == reference.read_best_policy()["policy"]
     assert run.read_best_policy()["policy"] == best["policy"]
+
+
+def test_the_search_keeps_its_best_distinct_policies_across_a_resume(env, tmp_path, monkeypatch):
+    import dataclasses
+
+    import autoprune.agents.amc as amc
+    from autoprune.runs import Run
+
+    config = dataclasses.replace(SMALL, leaders=3)
+    records = []
+    best = search_policy(env, config, seed=3, on_episode=records.append)
+    reference = Run.create(tmp_path / "ref", {"agent": "ddpg"})
+    whole: dict = {}
+    assert amc.run_amc(reference, env, config, seed=3, progress=False, restored=whole)["policy"] == best["policy"]
+    leaders = whole["leaders"]
+    distinct = {}
+    for record in records:  # the first record of each policy, as the tracker keeps them
+        distinct.setdefault(tuple(sorted(record["policy"].items())), record)
+    expected = sorted(distinct.values(), key=lambda r: (-r["reward"], r["episode"]))[:3]
+    assert [r["episode"] for r in leaders] == [r["episode"] for r in expected]
+    assert leaders[0]["policy"] == best["policy"] and len(leaders) == min(3, len(distinct))
+
+    run = Run.create(tmp_path / "run", {"agent": "ddpg"})
+    kill_after_four_episodes(run, env, monkeypatch, config)
+    resumed: dict = {}
+    amc.run_amc(run, env, config, seed=3, progress=False, restored=resumed)
+    assert [r["episode"] for r in resumed["leaders"]] == [r["episode"] for r in leaders]
 
 
 def _cut_mid_line(path):

@@ -277,6 +277,25 @@ def test_a_resumed_search_may_run_more_episodes(checkpoint, tmp_path, capsys):
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 5
 
 
+def test_finalists_are_scored_again_and_the_best_of_them_is_fine_tuned(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "search", "--model", str(checkpoint), "--budget", "50%flops", "--out", str(out),
+                       *SEARCH_FAST, "--episodes", "6", "--finalists", "3", "--finalist-steps", "2",
+                       "--finetune-epochs", "0", "--no-onnx")
+    assert code == 0, err
+    finalists = json.loads((out / "finalists.json").read_text())
+    scores = [f["accuracy"] for f in finalists["finalists"]]
+    policies = [f["policy"] for f in finalists["finalists"]]
+    assert finalists["steps"] == 2 and 2 <= len(scores) <= 3 and len({json.dumps(p) for p in policies}) == len(scores)
+    search_scores = [f["reward"] for f in finalists["finalists"]]
+    assert search_scores == sorted(search_scores, reverse=True)  # the search's best first
+    assert policies[0] == json.loads((out / "best_policy.json").read_text())["policy"]
+    chosen = next(f for f in finalists["finalists"] if f["episode"] == finalists["chosen_episode"])
+    assert chosen["accuracy"] == max(scores)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["policy"] == chosen["policy"] and metrics["val_accuracy_before_finetune"] is not None
+
+
 def test_search_resumes_a_run_written_before_the_fill_bound_without_it(checkpoint, tmp_path, capsys, monkeypatch):
     from autoprune.envs.channel_pruning import ChannelPruningEnv
 
