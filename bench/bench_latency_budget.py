@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import describe_device, load_lut, this_device
+from autoprune.latency import describe_device, device_slug, load_lut, this_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -185,7 +185,7 @@ def report(args) -> int:
         return f"{statistics.mean(pairs):+.2f} ({min(pairs):+.2f} to {max(pairs):+.2f})"
 
     lines = [
-        f"## Every agent at {args.budget}, equal training",
+        f"## Every agent at {args.budget}, equal training, on {this_device()}",
         "",
         f"`python bench/bench_latency_budget.py --lut {args.lut} --budget {args.budget} --seeds {args.seeds} "
         f"--finetune-epochs {args.finetune_epochs}` (two workers, one thread each) on {this_device()}, torch "
@@ -234,8 +234,10 @@ def report(args) -> int:
     print(body)
     plot(runs, out / "accuracy_vs_measured_latency.png", budget_ratio)
     if not args.no_write:
-        write_section(f"bench_latency_budget_{args.budget.replace('%', 'p')}", body)
-        target = ROOT / "bench" / "results" / f"latency-budget-{args.budget.replace('%', 'p')}.png"
+        # one section and plot per budget and CPU: figures from two CPUs never share a table
+        tag = f"{args.budget.replace('%', 'p')}-{device_slug()}"
+        write_section(f"bench_latency_budget_{tag}", body)
+        target = ROOT / "bench" / "results" / f"latency-budget-{tag}.png"
         target.write_bytes((out / "accuracy_vs_measured_latency.png").read_bytes())
     return 0
 
