@@ -132,7 +132,8 @@ class PolicyEvaluator:
 
     def accuracy(self, policy: Mapping[str, float]) -> float:
         """Validation accuracy (fraction) of `policy` after BN recalibration."""
-        key = (self.config.score_steps, self.config.score_augment, self.config.val_images, *policy_channels(self.description, policy, self.config.channel_multiple).values())
+        key = (self.config.score_steps, self.config.score_augment, self.config.val_images,
+               *policy_channels(self.description, policy, self.config.channel_multiple).values())
         if key not in self._cache:
             started = time.perf_counter()
             model = self.prune(policy, inference_only=True)
@@ -142,7 +143,6 @@ class PolicyEvaluator:
             self.evaluations += 1
             self.seconds += time.perf_counter() - started
         return self._cache[key]
-
 
     def rescore(self, policies: list[Mapping[str, float]], steps: int) -> list[float]:
         """Each policy's validation accuracy on the whole validation split after `steps` SGD
