@@ -102,6 +102,8 @@ def claim(out: Path, agent: str, seed: int) -> bool:
         except FileExistsError:
             try:
                 holder = int(path.read_text() or 0)
+                if holder <= 0:  # a claim cut before its PID was written
+                    raise ValueError(holder)
                 os.kill(holder, 0)
                 return holder == os.getpid()
             except (ValueError, ProcessLookupError, FileNotFoundError):
