@@ -1042,6 +1042,9 @@ class LatencyWorker:
             # the model does not travel, or the worker cannot start (e.g. a calling script without a
             # `if __name__ == "__main__":` guard)
             self.close()
+            log.warning("timing in a separate process failed (%s); timing in this process instead, where "
+                        "earlier training or other work on the same cores can slow the networks down",
+                        type(exc).__name__)
             result = measure_latency_here(models, self.input_shape, self.lut)
             result["settings"]["process"] = (f"this one (timing in a separate process failed: "
                                              f"{type(exc).__name__}: {exc})")

@@ -155,7 +155,7 @@ def test_compare_notes_say_which_latencies_were_not_measured_on_the_lut_device(f
                for line in lines)
 
 
-def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel():
+def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel(caplog):
     import torch.nn as nn
 
     from autoprune.latency import measure_latency
@@ -170,8 +170,10 @@ def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel():
 
     travelling = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
     assert measure_latency([travelling], (1, 28, 28))["settings"]["process"] == "a fresh one"
-    result = measure_latency([Local()], (1, 28, 28))
+    with caplog.at_level("WARNING", logger="autoprune.latency"):
+        result = measure_latency([Local()], (1, 28, 28))
     assert result["ms"][0] > 0 and result["settings"]["process"].startswith("this one")
+    assert "timing in this process instead" in caplog.text
 
 
 @pytest.mark.slow
