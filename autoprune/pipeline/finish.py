@@ -46,7 +46,7 @@ def _accuracy(model: nn.Module, data, split: str) -> float | None:
 
 def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, constraint: Constraint, *,
                finetune: TrainConfig, equal_steps: int = 0, search_seconds: float = 0.0,
-               progress: bool = True, onnx: bool = True) -> tuple[dict, nn.Module]:
+               progress: bool = True, onnx: bool = True, fit_latency: bool = False) -> tuple[dict, nn.Module]:
     """Finish a search whose best policy is `result.policy`; returns (metrics, the network).
 
     `result.model`, when given, is the pruned network the search already built (NetAdapt's,
@@ -62,6 +62,10 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     the missing steps (batch EXTRA_BATCH_SIZE, cosine from the fine-tune's learning rate)
     and measured again, so that runs of different searchers compare at the same amount of
     training.
+
+    `fit_latency`: on a latency budget, time the network on this machine and scale it
+    until it measures within the budget's window (`autoprune.pipeline.fit`); the network
+    fine-tuned is the one that fits, and "latency_fit" in the metrics says how it was found.
     """
     from autoprune.pruning import describe_network
 
@@ -70,6 +74,13 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     base_model = evaluator.pruner.model
     policy, model, budget = result.policy, result.model, constraint.budget
     channels = dict(result.channels) or constraint.channels(policy)
+    fit = None
+    if fit_latency and budget.metric == "latency":
+        channels, fit = _fit_latency(run, evaluator, constraint, channels, model)
+        if fit.get("fitted") and channels != fit["steps"][0]["channels"]:
+            policy = {g.name: channels[g.name] / g.channels for g in description.groups}
+            if model is not None:
+                model = _shrink(model, shape, fit["steps"][0]["channels"], channels)
     base_cost, cost = count_cost(description), count_cost(description, channels)
 
     if model is None:
@@ -127,6 +138,8 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
         "measured_latency_settings": latency["settings"], "measured_on": latency["settings"]["measured_on"],
         "policy": policy, "channels": channels, "finetune_history": history,
     }
+    if fit is not None:
+        metrics["latency_fit"] = fit
     if result.seconds:
         metrics["search_breakdown_seconds"] = {key: round(value, 1) for key, value in result.seconds.items()}
     metrics["search"] = {"accuracy": result.score, "cost_ratio": result.cost_ratio, **result.details}
@@ -147,6 +160,39 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
                                            f"{100 * score:.2f} %")
     write_report(run, metrics)
     return metrics, pruned
+
+
+def _shrink(model: nn.Module, shape: tuple[int, int, int], kept: dict[str, int], target: dict[str, int]) -> nn.Module:
+    """The searcher's own network with every group cut from `kept` to `target` channels
+    (the weakest channels by the L1 norm go)."""
+    from autoprune.pruning import ChannelPruner
+
+    pruner = ChannelPruner(model, shape)
+    return pruner.prune({g.name: target.get(g.name, kept.get(g.name, g.channels)) / g.channels
+                         for g in pruner.description.groups})
+
+
+def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, channels: dict[str, int],
+                 model: nn.Module | None) -> tuple[dict[str, int], dict]:
+    """`fit_measured_latency` for the network a search produced: pruned from the base model
+    (which may grow back) or the search's own (which can only shrink)."""
+    from autoprune.pipeline.fit import fit_measured_latency
+    from autoprune.pruning import describe_network
+
+    description, shape = constraint.description, evaluator.data.input_shape
+    if model is None:
+        def build(plan: dict[str, int]) -> nn.Module:
+            return evaluator.pruner.prune({g.name: plan[g.name] / g.channels for g in description.groups}).cpu()
+    else:
+        own = copy.deepcopy(model).cpu().eval()
+        own_groups = {g.name: g.channels for g in describe_network(own, shape).groups}
+        if own_groups != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
+            return channels, {"fitted": False, "reason": "the search's own network does not match its channel plan"}
+
+        def build(plan: dict[str, int]) -> nn.Module:
+            return _shrink(own, shape, channels, plan)
+    return fit_measured_latency(constraint, channels, build, evaluator.pruner.model, shape,
+                                grow=model is None, state_dir=run.state_dir)
 
 
 def _export(run: Run, pruned: nn.Module, shape: tuple[int, int, int], meta: dict, onnx: bool) -> dict:

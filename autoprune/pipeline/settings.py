@@ -110,6 +110,10 @@ class SearchSettings:
     equal_steps: int = setting(
         0, "equal training: after the fine-tune, go on until the network has had this many SGD steps since "
            "pruning, counting those the search gave it (0: off)", kind=int, low=0)
+    fit_latency: bool = setting(
+        True, "latency budgets on the LUT's own CPU: time the searched network in a fresh process and, while it "
+              "misses [budget - 3 points, budget], scale every group by one factor and time it again (a table "
+              "under-predicts unevenly pruned networks)", kind=bool)
     onnx: bool = setting(True, "also export the fine-tuned network as model.onnx, checked in ONNX Runtime (needs "
                                "the onnx extra)", kind=bool)
     device: str = setting("auto", "where training, BN recalibration, scoring and the agent run: auto (CUDA when "
@@ -202,7 +206,8 @@ RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["on_resume"])
 
 # what a run directory written before a setting existed was searched with
 BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "score_augment": False, "equal_steps": 0, "allow_other_device": False,
-                  "action_mapping": "absolute", "actor_penalty": 0.0, "finalists": 0}
+                  "action_mapping": "absolute", "actor_penalty": 0.0, "finalists": 0,
+                  "fit_latency": False}
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -157,9 +157,17 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "refused").exists()
     code, _, err = run(capsys, *search, "--lut", str(foreign), "--allow-other-device", "--out", str(tmp_path / "ok"))
     assert code == 0, err
-    code, _, err = run(capsys, *search, "--lut", str(lut), "--out", str(tmp_path / "here"))
+    code, _, err = run(capsys, *search, "--lut", str(lut), "--no-fit-latency", "--out", str(tmp_path / "here"))
     assert code == 0, err
-    assert json.loads((tmp_path / "here" / "metrics.json").read_text())["lut_latency_ratio"] <= 0.9 + 1e-9
+    metrics = json.loads((tmp_path / "here" / "metrics.json").read_text())
+    assert metrics["lut_latency_ratio"] <= 0.9 + 1e-9 and "latency_fit" not in metrics
+    # on the LUT's own CPU the network is timed and scaled to the budget; the one fine-tuned is the one chosen
+    code, _, err = run(capsys, *search, "--lut", str(lut), "--out", str(tmp_path / "fitted"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "fitted" / "metrics.json").read_text())
+    fit = metrics["latency_fit"]
+    assert fit["fitted"] and 1 <= len(fit["steps"]) <= 5
+    assert metrics["channels"] == fit["steps"][fit["chosen"]]["channels"]
 
 
 def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint, tmp_path, capsys):

@@ -1,0 +1,127 @@
+"""Landing a latency budget by measurement (autoprune.pipeline.fit), with a stand-in timer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch.nn as nn
+
+from autoprune.budgets import Constraint, parse_budget
+from autoprune.costs import _group_floor, group_choices, group_multiple
+from autoprune.latency import LatencyTable, device_metadata
+from autoprune.pipeline.fit import FIT_FILE, ROUNDS, WINDOW, factor_for, fit_measured_latency, scaled_channels
+from autoprune.pruning import describe_network
+
+
+@pytest.fixture(scope="module")
+def description(trained_tiny):
+    return describe_network(trained_tiny, (1, 28, 28))
+
+
+def here_lut(formula_lut, device=None) -> LatencyTable:
+    return LatencyTable({**formula_lut.data, "device": device or device_metadata()}, "formula")
+
+
+class Plan(nn.Module):
+    """What `build` makes here: a network that only remembers its channel plan."""
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = dict(plan)
+
+
+class Timer:
+    """Times a plan as the table predicts it, `slower` times over for any pruned one, with
+    a little noise: the under-prediction the fit exists for."""
+
+    def __init__(self, lut, description, slower: float, noise: float = 0.005, seed: int = 0):
+        self.lut, self.description, self.slower, self.noise = lut, description, slower, noise
+        self.rng = random.Random(seed)
+        self.calls = 0
+
+    def __call__(self, models):
+        self.calls += 1
+        base, network = models
+        jitter = 1 + self.rng.uniform(-self.noise, self.noise)
+        return [self.lut.predict_ms(self.description), jitter * self.slower * self.lut.predict_ms(
+            self.description, network.plan)]
+
+
+def test_scaled_plans_keep_every_group_inside_what_it_allows(description):
+    rng = random.Random(3)
+    for _ in range(50):
+        factor, multiple = rng.uniform(0.05, 3.0), rng.choice([1, 2, 4])
+        kept = {g.name: rng.choice(group_choices(g, multiple)) for g in description.groups}
+        for grow in (True, False):
+            plan = scaled_channels(description, kept, factor, multiple, grow)
+            for g in description.groups:
+                step = group_multiple(g, multiple)
+                assert _group_floor(g, step) <= plan[g.name] <= g.channels
+                assert plan[g.name] % step == 0 or plan[g.name] in (g.channels, _group_floor(g, step))
+                if not grow:
+                    assert plan[g.name] <= kept[g.name]
+
+
+def test_the_factor_found_is_the_largest_the_table_allows(description, formula_lut):
+    kept = {g.name: max(1, g.channels // 2) for g in description.groups}
+
+    def predict(plan):
+        return formula_lut.predict_ms(description, plan)
+
+    target = 0.8 * predict(kept)
+    plan = scaled_channels(description, kept, factor_for(predict, description, kept, target, grow=False), grow=False)
+    assert predict(plan) <= target
+    # no plan of the family under the target is larger
+    family = [scaled_channels(description, kept, i / 500, grow=False) for i in range(1, 501)]
+    assert max(predict(p) for p in family if predict(p) <= target) == predict(plan)
+
+
+@pytest.mark.parametrize("slower, grow", [(1.15, True), (1.15, False), (0.85, True)])
+def test_the_fit_lands_in_the_window_by_measurement(description, formula_lut, tmp_path, slower, grow):
+    lut = here_lut(formula_lut)
+    constraint = Constraint(parse_budget("50%latency"), description, lut)
+    full = {g.name: g.channels for g in description.groups}
+    start = scaled_channels(description, full, factor_for(lambda p: lut.predict_ms(description, p), description,
+                                                         full, 0.5 * constraint.base_value))
+    timer = Timer(lut, description, slower)
+    plan, record = fit_measured_latency(constraint, start, Plan, nn.Identity(), (1, 28, 28), grow=grow,
+                                        state_dir=tmp_path, worker=timer)
+    chosen = record["steps"][record["chosen"]]
+    assert record["fitted"] and chosen["channels"] == plan and timer.calls == len(record["steps"]) <= ROUNDS + 1
+    if slower > 1 or grow:  # too slow: shrink; too fast: grow where allowed
+        assert record["met"] and 0.5 - WINDOW <= chosen["measured_ratio"] <= 0.5
+        assert len(record["steps"]) > 1
+    else:  # too fast and the network may not grow: left as it was
+        assert plan == record["steps"][0]["channels"] and len(record["steps"]) == 1
+    if not grow:
+        assert all(plan[k] <= v for k, v in start.items())
+    # the result is kept: a resumed run fine-tunes the same network without timing again
+    again, saved = fit_measured_latency(constraint, start, Plan, nn.Identity(), (1, 28, 28), grow=grow,
+                                        state_dir=tmp_path, worker=lambda models: pytest.fail("timed again"))
+    assert again == plan and saved == json.loads((tmp_path / FIT_FILE).read_text())["record"]
+
+
+def test_no_fit_on_another_cpu_or_without_a_latency_budget(description, formula_lut):
+    start = {g.name: g.channels // 2 or 1 for g in description.groups}
+    never = lambda models: pytest.fail("timed")  # noqa: E731
+    other = here_lut(formula_lut, {"cpu": "Some Other CPU", "cpu_id": "family 1 model 2"})
+    plan, record = fit_measured_latency(Constraint(parse_budget("50%latency"), description, other), start, Plan,
+                                        nn.Identity(), (1, 28, 28), grow=True, worker=never)
+    assert plan == start and not record["fitted"] and "Some Other CPU" in record["reason"]
+    plan, record = fit_measured_latency(Constraint(parse_budget("50%flops"), description), start, Plan,
+                                        nn.Identity(), (1, 28, 28), grow=True, worker=never)
+    assert plan == start and not record["fitted"]
+
+
+def test_when_nothing_fits_the_fastest_network_is_kept(description, formula_lut, tmp_path):
+    lut = here_lut(formula_lut)
+    start = {g.name: g.channels for g in description.groups}
+    floor = scaled_channels(description, start, 0.0)
+    reachable = lut.predict_ms(description, floor) / lut.predict_ms(description)
+    constraint = Constraint(parse_budget(f"{50 * reachable:.3f}%latency"), description, lut)
+    plan, record = fit_measured_latency(constraint, start, Plan, nn.Identity(), (1, 28, 28), grow=False,
+                                        worker=Timer(lut, description, 1.0))
+    assert not record["met"]
+    assert record["steps"][record["chosen"]]["measured_ms"] == min(s["measured_ms"] for s in record["steps"])
