@@ -603,7 +603,8 @@ class NetAdaptSearcher(BaseSearcher):
         super().prepare(context)
         s = context.settings
         if context.saved_config:
-            resumable = {key: getattr(s, key) for key in RESUMABLE if getattr(s, key) is not None}
+            resumable = {key: getattr(s, key) for key in RESUMABLE
+                         if key in self.settings_read and getattr(s, key) is not None}
             self.config = NetAdaptConfig(**{**context.saved_config, **resumable})
         else:
             given = {key: getattr(s, key) for key in self.settings_read if getattr(s, key) is not None}

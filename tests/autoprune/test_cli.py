@@ -400,6 +400,12 @@ def test_search_with_netadapt_fine_tunes_the_model_it_returns(checkpoint, tmp_pa
     assert metrics["flops_ratio"] <= 0.8 + 1e-9 and metrics["search"]["stop_reason"] == "budget met"
     with open(out / "history.csv", newline="") as fh:
         assert metrics["candidate_evaluations"] == sum(int(row["proposals"]) for row in csv.DictReader(fh))
+    # killed after the search (metrics.json not yet written), it resumes and finishes the same network
+    (out / "metrics.json").unlink()
+    code, _, err = run(capsys, "search", "--resume", str(out), "--quiet")
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["channels"] == metrics["channels"] and again["candidate_evaluations"] == metrics["candidate_evaluations"]
 
 
 def one_error_line(err: str) -> str:
