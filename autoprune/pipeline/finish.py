@@ -46,7 +46,8 @@ def _accuracy(model: nn.Module, data, split: str) -> float | None:
 
 def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, constraint: Constraint, *,
                finetune: TrainConfig, equal_steps: int = 0, search_seconds: float = 0.0,
-               progress: bool = True, onnx: bool = True, fit_latency: bool = False) -> tuple[dict, nn.Module]:
+               progress: bool = True, onnx: bool = True, fit_latency: bool = False, stages: int = 1,
+               stage_steps: int = 0) -> tuple[dict, nn.Module]:
     """Finish a search whose best policy is `result.policy`; returns (metrics, the network).
 
     `result.model`, when given, is the pruned network the search already built (NetAdapt's,
@@ -66,6 +67,10 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     `fit_latency`: on a latency budget, time the network on this machine and scale it
     until it measures within the budget's window (`autoprune.pipeline.fit`); the network
     fine-tuned is the one that fits, and "latency_fit" in the metrics says how it was found.
+
+    `stages` > 1 (networks pruned from the base model): cut towards the plan in that many
+    steps, `stage_steps` SGD steps (batch EXTRA_BATCH_SIZE) after each cut but the last,
+    as NetAdapt does; those steps count as the search's in equal training.
     """
     from autoprune.pruning import describe_network
 
@@ -83,7 +88,11 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
                 model = _shrink(model, shape, fit["steps"][0]["channels"], channels)
     base_cost, cost = count_cost(description), count_cost(description, channels)
 
-    if model is None:
+    staged = 0
+    if model is None and stages > 1:
+        pruned = _staged_prune(evaluator, channels, stages, stage_steps, finetune)
+        staged = (stages - 1) * stage_steps
+    elif model is None:
         pruned = evaluator.prune(policy)
     else:
         pruned = model.to(evaluator.config.device)
@@ -99,8 +108,9 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     started = time.perf_counter()
     history = train(pruned, data, finetune, state_path=run.state_dir / "finetune.state", progress=progress)
     finetune_seconds = time.perf_counter() - started
-    search_steps = int(result.training_steps)
+    search_steps = int(result.training_steps) + staged
     training = {"search_steps": search_steps, "search_batch_size": result.training_batch_size,
+                "stages": stages if staged else 1, "stage_steps": staged,
                 "finetune_steps": finetune_steps(finetune, len(data.train)), "finetune_batch_size": finetune.batch_size,
                 "extra_steps": 0, "extra_batch_size": EXTRA_BATCH_SIZE, "equal_steps": equal_steps}
     as_run = {"val_accuracy": evaluate(pruned, data, "val")["accuracy"],
@@ -160,6 +170,35 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
                                            f"{100 * score:.2f} %")
     write_report(run, metrics)
     return metrics, pruned
+
+
+def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: int, steps: int,
+                  finetune: TrainConfig) -> nn.Module:
+    """The base model cut to `target` in `stages` cuts of equal share per group, trained for
+    `steps` SGD steps after every cut but the last; each cut after the first drops the
+    weakest channels (L1) of the network as trained so far. BatchNorm is recalibrated
+    after every cut."""
+    from autoprune.pruning import ChannelPruner, describe_network
+
+    config, data = evaluator.config, evaluator.data
+    full = {g.name: g.channels for g in evaluator.description.groups}
+    model, current = None, dict(full)
+    for stage in range(1, stages + 1):
+        plan = {name: round(full[name] - (full[name] - target[name]) * stage / stages) for name in full}
+        if model is None:
+            model = evaluator.prune({name: plan[name] / full[name] for name in full})
+        else:
+            pruner = ChannelPruner(model, data.input_shape)
+            model = pruner.prune({g.name: plan[g.name] / current[g.name] for g in pruner.description.groups})
+            model = model.to(config.device)
+            recalibrate_bn(model, data, num_batches=config.bn_batches, batch_size=config.bn_batch_size,
+                           seed=config.seed)
+        current = {g.name: g.channels for g in describe_network(copy.deepcopy(model).cpu(), data.input_shape).groups}
+        if stage < stages and steps > 0:
+            train(model, data, TrainConfig(epochs=1, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr,
+                                           seed=finetune.seed + 100 + stage, max_steps_per_epoch=steps,
+                                           amp=finetune.amp), progress=False)
+    return model
 
 
 def _shrink(model: nn.Module, shape: tuple[int, int, int], kept: dict[str, int], target: dict[str, int]) -> nn.Module:

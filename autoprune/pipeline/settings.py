@@ -114,6 +114,11 @@ class SearchSettings:
         True, "latency budgets on the LUT's own CPU: time the searched network in a fresh process and, while it "
               "misses [budget - 3 points, budget], scale every group by one factor and time it again (a table "
               "under-predicts unevenly pruned networks)", kind=bool)
+    finish_stages: int = setting(
+        1, "cut the base model to the searched network in this many steps, training after each but the last, as "
+           "NetAdapt does (1: in one cut); for networks the search did not prune itself", kind=int, low=1)
+    stage_steps: int = setting(40, "SGD steps (batch 64) after each cut but the last; they count as the search's "
+                                   "in equal training", kind=int, low=0)
     onnx: bool = setting(True, "also export the fine-tuned network as model.onnx, checked in ONNX Runtime (needs "
                                "the onnx extra)", kind=bool)
     device: str = setting("auto", "where training, BN recalibration, scoring and the agent run: auto (CUDA when "

@@ -177,6 +177,14 @@ def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint,
     metrics = json.loads((tmp_path / "equal" / "metrics.json").read_text())
     assert metrics["training"]["extra_steps"] == metrics["training"]["total_steps"] == 7
     assert metrics["test_accuracy_as_run"] == metrics["test_accuracy_before_finetune"]  # no fine-tune epochs
+    # cut in three steps with two SGD steps after each but the last: those four count, three are added
+    code, _, err = run(capsys, *search, "--equal-steps", "7", "--finish-stages", "3", "--stage-steps", "2",
+                       "--out", str(tmp_path / "staged"))
+    assert code == 0, err
+    staged = json.loads((tmp_path / "staged" / "metrics.json").read_text())
+    assert staged["training"]["stage_steps"] == 4 and staged["training"]["search_steps"] == 4
+    assert staged["training"]["extra_steps"] == 3 and staged["training"]["total_steps"] == 7
+    assert staged["channels"] == metrics["channels"] and staged["flops"] == metrics["flops"]
     code, _, err = run(capsys, *search, "--out", str(tmp_path / "as-run"))
     assert code == 0, err
     code, out, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "as-run"),
