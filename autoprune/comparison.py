@@ -14,8 +14,9 @@ accuracy plots.
 Training counts: NetAdapt's network carries the SGD steps of its short-term fine-tunes,
 which other searchers' networks lack. Each run records its SGD steps since pruning; "test
 acc as run" is the accuracy after the run's own fine-tune, "test acc after FT" the final
-one (after `--equal-steps` extra steps, where given). `check_equal_training` refuses a
-set of runs whose final figures rest on different amounts of training.
+one (with `--equal-steps`' extra steps before the fine-tune, where given).
+`check_equal_training` refuses a set of runs whose final figures rest on different amounts
+of training, or on extra steps placed differently.
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ def check_equal_training(records: list[RunRecord]) -> int:
         raise AutopruneError("these runs had different amounts of training after pruning: " + "; ".join(
             f"{steps} SGD steps ({', '.join(names)})" for steps, names in sorted(totals.items())) +
             f"; search again with --equal-steps {largest} for equal training")
+    extended = [r for r in records if r.metrics["training"].get("extra_steps")]
+    appended = [r.name for r in extended if not r.metrics["training"].get("order")]
+    if appended and len(appended) < len(extended):
+        raise AutopruneError("these runs trained their extra steps after the fine-tune, at a restarted learning "
+                             f"rate (written by an older autoprune), the others before it: {', '.join(appended)}; "
+                             "delete their metrics.json and resume them to finish them again")
     return next(iter(totals))
 
 

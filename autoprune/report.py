@@ -66,9 +66,11 @@ def _test_line(m: dict) -> str:
         return "- test accuracy: not measured (no test set given)"
     line = (f"- test accuracy: unpruned {100 * m['base_test_accuracy']:.2f} %, pruned after {m['finetune_epochs']} "
             f"fine-tuning epoch(s) {100 * m.get('test_accuracy_as_run', m['test_accuracy']):.2f} %")
-    if m.get("training", {}).get("extra_steps"):
-        line += (f", after {m['training']['extra_steps']} more steps (equal training: "
-                 f"{m['training']['total_steps']} SGD steps since pruning) {100 * m['test_accuracy']:.2f} %")
+    training = m.get("training", {})
+    if training.get("extra_steps"):
+        where = "before the fine-tune" if training.get("order") else "after the fine-tune"
+        line += (f"; with {training['extra_steps']} more steps {where} (equal training: "
+                 f"{training['total_steps']} SGD steps since pruning) {100 * m['test_accuracy']:.2f} %")
     return line
 
 

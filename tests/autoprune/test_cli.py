@@ -2,6 +2,7 @@ import csv
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,12 +171,26 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
     assert metrics["channels"] == fit["steps"][fit["chosen"]]["channels"]
 
 
-def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint, tmp_path, capsys):
+def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint, tmp_path, capsys, monkeypatch):
+    from autoprune.pipeline import finish
+
+    calls, real_train = [], finish.train
+
+    def recording_train(model, data, config, **kwargs):
+        calls.append((id(model), config.batch_size, Path(kwargs.get("state_path") or "-").name))
+        return real_train(model, data, config, **kwargs)
+
+    monkeypatch.setattr(finish, "train", recording_train)
     search = ["search", "--model", str(checkpoint), "--agent", "uniform", "--budget", "60%flops", *BASELINE_FAST]
     code, _, err = run(capsys, *search, "--equal-steps", "7", "--out", str(tmp_path / "equal"))
     assert code == 0, err
     metrics = json.loads((tmp_path / "equal" / "metrics.json").read_text())
     assert metrics["training"]["extra_steps"] == metrics["training"]["total_steps"] == 7
+    # as run: the fine-tune on a copy; equal training: the extra steps, then the same fine-tune
+    (as_run, *equal) = calls
+    assert as_run[2] == "finetune.state" and [c[2] for c in equal] == ["extra_first.state", "finetune_equal.state"]
+    assert as_run[0] != equal[0][0] == equal[1][0] and equal[0][1] == 64
+    assert metrics["training"]["order"] == "extra steps, then the fine-tune"
     assert metrics["test_accuracy_as_run"] == metrics["test_accuracy_before_finetune"]  # no fine-tune epochs
     # cut in three steps with two SGD steps after each but the last: those four count, three are added
     code, _, err = run(capsys, *search, "--equal-steps", "7", "--finish-stages", "3", "--stage-steps", "2",
@@ -199,6 +214,14 @@ def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint,
     code, _, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "as-run"), "--equal-training",
                        "--out", str(tmp_path / "cmp3"))
     assert code == 2 and "do not record their SGD steps since pruning (written before autoprune counted them): as-run;" in one_error_line(err)
+    # extra steps after the fine-tune (an older autoprune) do not compare with extra steps before it
+    appended = json.loads((tmp_path / "staged" / "metrics.json").read_text())
+    del appended["training"]["order"]
+    (tmp_path / "staged" / "metrics.json").write_text(json.dumps(appended))
+    code, _, err = run(capsys, "compare", str(tmp_path / "equal"), str(tmp_path / "staged"), "--equal-training",
+                       "--out", str(tmp_path / "cmp4"))
+    assert code == 2 and "after the fine-tune, at a restarted learning rate" in one_error_line(err)
+    assert "the others before it: staged;" in one_error_line(err)
 
 
 def test_lut_bad_inputs(checkpoint, tmp_path, capsys):
