@@ -137,20 +137,41 @@ def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * sd:.{digits}f}"
 
 
+BASE_KEYS = ("model", "weights", "data", "image_size", "data_dir", "val_size")
+
+
+def base_inputs(paths: list[Path]):
+    """The unpruned model and data the runs under one output directory were searched from
+    (they must all name the same: one table, one base)."""
+    from autoprune.pipeline.settings import settings_from_saved
+    from autoprune.pipeline.stages import load_inputs
+
+    configs = {p.name: json.loads((p / "config.json").read_text()) for p in paths}
+    first, *_ = configs.values()
+    for name, config in configs.items():
+        differ = [k for k in BASE_KEYS if config.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{name} was searched from another base ({', '.join(differ)} differ); "
+                             "give each model its own --out")
+    return load_inputs(settings_from_saved(first), download=False)
+
+
 def measure(args) -> None:
     """Time every finished run's network (the base model cut to its channel counts: latency
     depends on the counts alone) in turn with the unpruned one; writes OUT/measured.json."""
     from autoprune.latency import get_backend, measure_networks, pin_process
-    from autoprune.models import load_model
     from autoprune.pruning import ChannelPruner
 
     out = Path(args.out)
     paths = sorted(p.parent for p in out.glob("*/metrics.json"))
-    base, _ = load_model(None)
-    pruner = ChannelPruner(base, (1, 28, 28))
-    networks = [base] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
+    if not paths:
+        raise SystemExit(f"no finished runs under {out}")
+    inputs = base_inputs(paths)
+    shape = inputs.data.input_shape
+    pruner = ChannelPruner(inputs.model, shape)
+    networks = [inputs.model] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
     pin_process(1)
-    ms = measure_networks(get_backend("torch", 1), networks, (1, 28, 28), 1, warmup=20, runs=100, rounds=5)
+    ms = measure_networks(get_backend("torch", 1), networks, shape, 1, warmup=20, runs=100, rounds=5)
     result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": ms[0],
               "protocol": "torch eager, 1 thread, batch 1, pinned; each network back to back within a round (20 "
                           "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
@@ -160,7 +181,7 @@ def measure(args) -> None:
     print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))
 
 
-def report(args) -> int:
+def report(args, passthrough: list[str]) -> int:
     out = Path(args.out)
     table = load_lut(args.lut)
     runs: dict[str, dict[int, dict]] = {}
@@ -178,6 +199,10 @@ def report(args) -> int:
         print("no finished runs under", out, file=sys.stderr)
         return 1
     budget_ratio = float(args.budget.split("%")[0]) / 100
+    latency_budget = args.budget.lower().endswith("latency")
+    config = json.loads((run_dir(out, *next((a, s) for a, d in runs.items() for s in d)) / "config.json").read_text())
+    options = "".join(f" {o}" for o in ([f"--agents {args.agents}"] if args.agents != AGENTS else []) + passthrough)
+    base_name = f"Model: {config.get('model_name') or config.get('model')}, data: {config.get('data')}"
 
     def margin(agent: str, other: str, key: str) -> str:
         pairs = [100 * (m[key] - runs[other][s][key]) for s, m in runs.get(agent, {}).items()
@@ -191,9 +216,9 @@ def report(args) -> int:
         + (f" ({args.tag})" if args.tag else ""),
         "",
         f"`python bench/bench_latency_budget.py --lut {args.lut} --budget {args.budget} --seeds {args.seeds} "
-        f"--finetune-epochs {args.finetune_epochs}` (two workers, one thread each) on {this_device()}, torch "
+        f"--finetune-epochs {args.finetune_epochs}{options}` (two workers, one thread each) on {this_device()}, torch "
         f"{torch.__version__}, {datetime.date.today().isoformat()}. LUT built on "
-        f"{describe_device(table.data.get('device'))}. Default ResNet-20 on Fashion-MNIST. Each network is "
+        f"{describe_device(table.data.get('device'))}. {base_name}. Each network is "
         f"BN-recalibrated and fine-tuned for {args.finetune_epochs} epoch(s) (SGD, lr 0.01, cosine, batch 256); "
         "at equal training every network but NetAdapt's is first trained for as many SGD steps (batch 64, cosine) "
         "as NetAdapt's short-term fine-tunes gave its network with the same seed, then given the same fine-tune: "
@@ -231,14 +256,23 @@ def report(args) -> int:
             f"{statistics.mean(m['search_seconds'] for m in ms):.0f} |")
     key = "quiet_latency_ratio" if quiet else "measured_latency_ratio"
     ratios = [m[key] for done in runs.values() for m in done.values() if key in m]
-    within = [abs(r - budget_ratio) / budget_ratio <= 0.03 for r in ratios]
-    window = [budget_ratio - 0.03 <= r <= budget_ratio for r in ratios]
-    lines += ["", f"Measured latency ({'quiet' if quiet else 'at run end'}) within 3 % of the budget: {sum(within)} "
-                  f"of {len(within)} networks; in [budget - 3 points, budget]: {sum(window)} of {len(window)} "
-                  f"(range {100 * min(ratios):.1f}-{100 * max(ratios):.1f} %)."]
+    if latency_budget:
+        within = [abs(r - budget_ratio) / budget_ratio <= 0.03 for r in ratios]
+        window = [budget_ratio - 0.03 <= r <= budget_ratio for r in ratios]
+        lines += ["", f"Measured latency ({'quiet' if quiet else 'at run end'}) within 3 % of the budget: "
+                      f"{sum(within)} of {len(within)} networks; in [budget - 3 points, budget]: {sum(window)} of "
+                      f"{len(window)} (range {100 * min(ratios):.1f}-{100 * max(ratios):.1f} %)."]
+    else:
+        metric = args.budget.split("%")[1].lower()
+        kept = [m[f"{metric}_ratio"] for done in runs.values() for m in done.values() if f"{metric}_ratio" in m]
+        within = [abs(r - budget_ratio) / budget_ratio <= 0.03 for r in kept]
+        lines += ["", f"{ {'flops': 'FLOPs', 'params': 'Parameters'}.get(metric, metric)} kept within 3 % of the budget: {sum(within)} of {len(within)} networks (range "
+                      f"{100 * min(kept):.1f}-{100 * max(kept):.1f} %); measured latency "
+                      f"({'quiet' if quiet else 'at run end'}) {100 * min(ratios):.1f}-{100 * max(ratios):.1f} % "
+                      "of the unpruned network's."]
     body = "\n".join(lines)
     print(body)
-    plot(runs, out / "accuracy_vs_measured_latency.png", budget_ratio)
+    plot(runs, out / "accuracy_vs_measured_latency.png", budget_ratio if latency_budget else None)
     if not args.no_write:
         # one section and plot per budget and CPU: figures from two CPUs never share a table
         tag = f"{args.budget.replace('%', 'p')}-{device_slug()}" + (f"-{args.tag}" if args.tag else "")
@@ -248,7 +282,7 @@ def report(args) -> int:
     return 0
 
 
-def plot(runs: dict[str, dict[int, dict]], path: Path, budget_ratio: float) -> None:
+def plot(runs: dict[str, dict[int, dict]], path: Path, budget_ratio: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +293,8 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, budget_ratio: float) -> N
         x = [100 * m.get("quiet_latency_ratio", m["measured_latency_ratio"]) for m in done.values()]
         y = [100 * m["test_accuracy"] for m in done.values()]
         ax.scatter(x, y, label=agent, alpha=0.8)
-    ax.axvline(100 * budget_ratio, color="grey", linestyle="--", linewidth=1)
+    if budget_ratio is not None:  # a latency budget: where the networks should land
+        ax.axvline(100 * budget_ratio, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("measured latency, % of the unpruned network")
     ax.set_ylabel("test accuracy at equal training, %")
     ax.legend()
@@ -288,7 +323,7 @@ def main() -> int:
         work(args, passthrough)
     if args.measure:
         measure(args)
-    return report(args)
+    return report(args, passthrough)
 
 
 if __name__ == "__main__":
