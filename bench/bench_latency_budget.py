@@ -156,10 +156,17 @@ def base_inputs(paths: list[Path]):
     return load_inputs(settings_from_saved(first), download=False)
 
 
+def runtime_words(runtime: dict) -> str:
+    """'torch eager, 1 thread, batch 1' for a table's runtime record."""
+    name = {"torch": "torch eager", "torch-cuda": "torch eager on the GPU"}.get(runtime["backend"], runtime["backend"])
+    threads = runtime["threads"]
+    return f"{name}, {threads} thread{'s' if threads != 1 else ''}, batch {runtime.get('batch', 1)}"
+
+
 def measure(args) -> None:
     """Time every finished run's network (the base model cut to its channel counts: latency
     depends on the counts alone) in turn with the unpruned one; writes OUT/measured.json."""
-    from autoprune.latency import get_backend, measure_networks, pin_process
+    from autoprune.latency import backend_for, measure_networks, pin_process
     from autoprune.pruning import ChannelPruner
 
     out = Path(args.out)
@@ -170,10 +177,12 @@ def measure(args) -> None:
     shape = inputs.data.input_shape
     pruner = ChannelPruner(inputs.model, shape)
     networks = [inputs.model] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
-    pin_process(1)
-    ms = measure_networks(get_backend("torch", 1), networks, shape, 1, warmup=20, runs=100, rounds=5)
+    runtime = load_lut(args.lut).runtime  # the table's own runtime, threads and batch
+    pin_process(runtime["threads"])
+    ms = measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20, runs=100,
+                          rounds=5)
     result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": ms[0],
-              "protocol": "torch eager, 1 thread, batch 1, pinned; each network back to back within a round (20 "
+              "protocol": f"{runtime_words(runtime)}, pinned; each network back to back within a round (20 "
                           "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
                           "median",
               "runs": {p.name: {"ms": m, "ratio": m / ms[0]} for p, m in zip(paths, ms[1:])}}
@@ -224,7 +233,7 @@ def report(args, passthrough: list[str]) -> int:
         "as NetAdapt's short-term fine-tunes gave its network with the same seed, then given the same fine-tune: "
         "every agent of a seed has had the same number of SGD steps after pruning and ends with the same "
         "annealed fine-tune; *as run* is the fine-tune alone. Mean ± sd over the seeds. Latency as a share of the unpruned network's; measured: timed in a "
-        "fresh process on this CPU, torch eager, 1 thread, batch 1, pruned and unpruned in turn. Margins: test "
+        f"fresh process on this CPU, {runtime_words(table.runtime)}, pruned and unpruned in turn. Margins: test "
         "accuracy at equal training minus that of uniform / Torch-Pruning global with the same seed, mean (min "
         "to max).",
         "",
