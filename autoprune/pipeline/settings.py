@@ -53,6 +53,9 @@ def setting(default: Any, doc: str, *, kind: type, low: float | None = None, hig
         "optional": optional, "auto": auto, "agents": agents, "on_resume": on_resume, "group": group})
 
 
+# finishing in 12 cuts with 40 SGD steps after each lifted uniform, random and DDPG policies at
+# 50 % latency and 25 % FLOPs on every seed (BENCHMARKS.md)
+AUTO_FINISH_STAGES = 12
 RANKING = ("ddpg", "random", "sensitivity")  # searchers that rank many candidates by the evaluator's score
 AMC_ENV = ("ddpg", "random")  # searchers that draw their policies through AMC's environment
 
@@ -114,9 +117,10 @@ class SearchSettings:
         True, "latency budgets on the LUT's own CPU: time the searched network in a fresh process and, while it "
               "misses [budget - 3 points, budget], scale every group by one factor and time it again (a table "
               "under-predicts unevenly pruned networks)", kind=bool)
-    finish_stages: int = setting(
-        1, "cut the base model to the searched network in this many steps, training after each but the last, as "
-           "NetAdapt does (1: in one cut); for networks the search did not prune itself", kind=int, low=1)
+    finish_stages: int | str = setting(
+        "auto", "cut the base model to the searched network in this many steps, training after each but the last, "
+                "as NetAdapt does (1: in one cut); for networks the search did not prune itself; auto: "
+                f"{AUTO_FINISH_STAGES} when there is a long-term fine-tune, else 1", kind=int, low=1, auto=True)
     stage_steps: int = setting(40, "SGD steps (batch 64) after each cut but the last; they count as the search's "
                                    "in equal training", kind=int, low=0)
     onnx: bool = setting(True, "also export the fine-tuned network as model.onnx, checked in ONNX Runtime (needs "
@@ -198,6 +202,12 @@ class SearchSettings:
         defaults = SearchSettings()
         return {name: value for name, value in self.to_dict().items() if value != getattr(defaults, name)}
 
+    def finish_stages_value(self) -> int:
+        """The number of cuts the finish makes ("auto" resolved)."""
+        if self.finish_stages == "auto":
+            return AUTO_FINISH_STAGES if self.finetune_epochs > 0 else 1
+        return int(self.finish_stages)
+
     def replace(self, **changes) -> SearchSettings:
         return dataclasses.replace(self, **changes)
 
@@ -212,7 +222,7 @@ RESUMABLE = tuple(name for name, f in FIELDS.items() if f.metadata["on_resume"])
 # what a run directory written before a setting existed was searched with
 BEFORE_SETTING = {"fill": 0.0, "score_steps": 0, "score_augment": False, "equal_steps": 0, "allow_other_device": False,
                   "action_mapping": "absolute", "actor_penalty": 0.0, "finalists": 0,
-                  "fit_latency": False}
+                  "fit_latency": False, "finish_stages": 1}
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -249,7 +249,7 @@ def _search_and_finish(run, settings: SearchSettings, searcher, evaluator, const
     search_seconds = run.add_search_seconds(time.perf_counter() - started)
     metrics, model = finish_run(run, evaluator, result, constraint, search_seconds=search_seconds,
                                 progress=progress, equal_steps=settings.equal_steps, onnx=settings.onnx,
-                                fit_latency=settings.fit_latency, stages=settings.finish_stages,
+                                fit_latency=settings.fit_latency, stages=settings.finish_stages_value(),
                                 stage_steps=settings.stage_steps,
                                 finetune=TrainConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr,
                                                      seed=settings.seed, amp=settings.amp))

@@ -8,7 +8,7 @@ import pytest
 
 from autoprune.cli import build_parser, main
 from autoprune.errors import AutopruneError, SettingError
-from autoprune.pipeline.settings import RESUMABLE, SearchSettings, settings_from_saved
+from autoprune.pipeline.settings import AUTO_FINISH_STAGES, RESUMABLE, SearchSettings, settings_from_saved
 
 
 def test_every_setting_is_a_flag_of_search_with_the_dataclass_default():
@@ -54,6 +54,15 @@ def test_a_run_written_before_a_setting_existed_resumes_with_what_it_was_searche
     assert settings.score_steps == 0 and settings.score_augment is False and settings.equal_steps == 0
     assert SearchSettings().score_augment is True
     assert set(RESUMABLE) == {"workers", "max_iterations", "episodes"}
+    assert settings.finish_stages_value() == 1  # searched before the staged finish was the default
+
+
+def test_the_staged_finish_is_the_default_when_there_is_a_fine_tune():
+    assert SearchSettings().finish_stages_value() == AUTO_FINISH_STAGES > 1
+    assert SearchSettings(finetune_epochs=0).finish_stages_value() == 1
+    assert SearchSettings.from_dict({"finish_stages": 3, "finetune_epochs": 0}).finish_stages_value() == 3
+    with pytest.raises(AutopruneError, match="finish_stages"):
+        SearchSettings.from_dict({"finish_stages": 0})
 
 
 @pytest.mark.parametrize("argv, flag", [
