@@ -36,9 +36,13 @@ def _report(run: Run, m: dict) -> str:
         lines.append(f"- latency (measured here, {s['backend']}, {s['threads']} thread(s), batch {s['batch']}, "
                      f"on {where}): {m['measured_latency_ms_base']:.3f} ms -> {m['measured_latency_ms']:.3f} ms "
                      f"({100 * m['measured_latency_ratio']:.1f} %)")
+    training = m.get("training", {})
+    staged = training.get("stages", 1) > 1
+    before = (f"cut in {training['stages']} stages with {training['stage_steps']} SGD steps between them"
+              if staged else "BN recalibrated")
     lines += [
         f"- validation accuracy: unpruned {100 * m['base_val_accuracy']:.2f} %, pruned before fine-tuning "
-        f"(BN recalibrated) {100 * m['val_accuracy_before_finetune']:.2f} %, after "
+        f"({before}) {100 * m['val_accuracy_before_finetune']:.2f} %, after "
         f"{100 * m['val_accuracy']:.2f} %",
         _test_line(m),
         *([f"- {m['recalibration_note']}"] if m.get("recalibration_note") else []),
