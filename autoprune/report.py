@@ -38,7 +38,7 @@ def _report(run: Run, m: dict) -> str:
                      f"({100 * m['measured_latency_ratio']:.1f} %)")
     training = m.get("training", {})
     staged = training.get("stages", 1) > 1
-    before = (f"cut in {training['stages']} stages with {training['stage_steps']} SGD steps between them"
+    before = (f"cut in {training['stages']} stages, {training['stage_steps']} SGD steps in all between them"
               if staged else "BN recalibrated")
     lines += [
         f"- validation accuracy: unpruned {100 * m['base_val_accuracy']:.2f} %, pruned before fine-tuning "

@@ -275,7 +275,8 @@ def report(args, passthrough: list[str]) -> int:
         metric = args.budget.split("%")[1].lower()
         kept = [m[f"{metric}_ratio"] for done in runs.values() for m in done.values() if f"{metric}_ratio" in m]
         within = [abs(r - budget_ratio) / budget_ratio <= 0.03 for r in kept]
-        lines += ["", f"{ {'flops': 'FLOPs', 'params': 'Parameters'}.get(metric, metric)} kept within 3 % of the budget: {sum(within)} of {len(within)} networks (range "
+        resource = {"flops": "FLOPs", "params": "Parameters"}.get(metric, metric)
+        lines += ["", f"{resource} kept within 3 % of the budget: {sum(within)} of {len(within)} networks (range "
                       f"{100 * min(kept):.1f}-{100 * max(kept):.1f} %); measured latency "
                       f"({'quiet' if quiet else 'at run end'}) {100 * min(ratios):.1f}-{100 * max(ratios):.1f} % "
                       "of the unpruned network's."]

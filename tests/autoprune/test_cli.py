@@ -200,7 +200,7 @@ def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint,
     assert staged["training"]["stage_steps"] == 4 and staged["training"]["search_steps"] == 4
     assert staged["training"]["extra_steps"] == 3 and staged["training"]["total_steps"] == 7
     assert staged["channels"] == metrics["channels"] and staged["flops"] == metrics["flops"]
-    assert "pruned before fine-tuning (cut in 3 stages with 4 SGD steps between them)" in \
+    assert "pruned before fine-tuning (cut in 3 stages, 4 SGD steps in all between them)" in \
         (tmp_path / "staged" / "report.md").read_text()
     assert "(BN recalibrated)" in (tmp_path / "equal" / "report.md").read_text()  # no fine-tune: one cut
     code, _, err = run(capsys, *search, "--out", str(tmp_path / "as-run"))
