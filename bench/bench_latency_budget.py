@@ -163,7 +163,7 @@ def runtime_words(runtime: dict) -> str:
     return f"{name}, {threads} thread{'s' if threads != 1 else ''}, batch {runtime.get('batch', 1)}"
 
 
-def measure(args) -> None:
+def measure(args, table) -> None:
     """Time every finished run's network (the base model cut to its channel counts: latency
     depends on the counts alone) in turn with the unpruned one; writes OUT/measured.json."""
     from autoprune.latency import backend_for, measure_networks, pin_process
@@ -177,7 +177,7 @@ def measure(args) -> None:
     shape = inputs.data.input_shape
     pruner = ChannelPruner(inputs.model, shape)
     networks = [inputs.model] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
-    runtime = load_lut(args.lut).runtime  # the table's own runtime, threads and batch
+    runtime = table.runtime  # the table's own runtime, threads and batch
     pin_process(runtime["threads"])
     ms = measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20, runs=100,
                           rounds=5)
@@ -190,9 +190,8 @@ def measure(args) -> None:
     print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))
 
 
-def report(args, passthrough: list[str]) -> int:
+def report(args, passthrough: list[str], table) -> int:
     out = Path(args.out)
-    table = load_lut(args.lut)
     runs: dict[str, dict[int, dict]] = {}
     quiet = json.loads((out / "measured.json").read_text()) if (out / "measured.json").is_file() else None
     labels = [labelled(entry)[0] for entry in args.agents.split(",")]
@@ -331,9 +330,10 @@ def main() -> int:
     args, passthrough = parser.parse_known_args()
     if not args.report and not args.measure:
         work(args, passthrough)
+    table = load_lut(args.lut)
     if args.measure:
-        measure(args)
-    return report(args, passthrough)
+        measure(args, table)
+    return report(args, passthrough, table)
 
 
 if __name__ == "__main__":
