@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_core import write_section  # noqa: E402
 
-AGENTS = "netadapt,ddpg,uniform,random,tp_global"
+AGENTS = "netadapt,ddpg,uniform,tp_global,random"
 
 
 def run_dir(out: Path, agent: str, seed: int) -> Path:
@@ -121,7 +121,11 @@ def work(args, passthrough: list[str]) -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     agents = args.agents.split(",")
-    jobs = [(agent, seed) for agent in agents for seed in seeds]  # NetAdapt first: the others need its steps
+    # NetAdapt first, every seed (the others need its steps); then seed by seed, so that a
+    # bench cut short has whole seeds to compare rather than every seed of a few agents
+    first = [entry for entry in agents if labelled(entry)[1] == "netadapt"]
+    jobs = [(entry, seed) for entry in first for seed in seeds]
+    jobs += [(entry, seed) for seed in seeds for entry in agents if entry not in first]
     for entry, seed in jobs:
         label, agent = labelled(entry)
         if finished(run_dir(out, label, seed)) or not claim(out, label, seed):
