@@ -489,6 +489,10 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
     settings = _settings(evaluator, config)
     value = search.value(kept)
     seconds = {"prune": 0.0, "short_term_finetune": 0.0, "bn_recalibration": 0.0, "validation": 0.0}
+    if state is not None:  # the earlier sessions' share (a state written before it was kept has none)
+        for phase, spent in (state.get("proposal_seconds") or {}).items():
+            if phase in seconds and isinstance(spent, (int, float)):
+                seconds[phase] = float(spent)
     stop_reason = None
     bar = tqdm(total=_estimated_iterations(config, search.base_value, search.limit),
                initial=iteration, desc="NetAdapt", unit="iteration", disable=not progress)
@@ -540,7 +544,8 @@ def _search(run: Run, evaluator: PolicyEvaluator, budget: Budget, search: _Searc
                                   cost_ratio=value / search.base_value, channels=dict(kept))
             _save_state(run, model, {"iteration": iteration, "kept": kept, "step": step, "accuracy": accuracy,
                                      "rows": len(history), "history": history, "measured_base_ms": measured_base,
-                                     "measured_ms": measured, "fingerprint": fingerprint})
+                                     "measured_ms": measured, "proposal_seconds": dict(seconds),
+                                     "fingerprint": fingerprint})
             log.info("iteration %d: %s %d -> %d channels, accuracy %.4f, %s at %.1f%% of base", iteration,
                      best.group, before, best.channels_after, accuracy, budget.metric,
                      100 * value / search.base_value)

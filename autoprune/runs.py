@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
@@ -60,6 +61,7 @@ class Run:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.lock: WriterLock | None = None
+        self._clock: dict | None = None  # the search session being timed (start_search_clock)
 
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict) -> Run:
@@ -123,6 +125,7 @@ class Run:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.path / HISTORY, buffer.getvalue())
+        self.tick_search_clock()
 
     def restore_history(self, saved: list[dict]) -> list[dict]:
         """The rows a searcher's saved state holds (the source of truth), with history.csv
@@ -184,33 +187,81 @@ class Run:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AutopruneError(f"cannot read {path}: {type(exc).__name__}") from None
 
-    def add_search_seconds(self, seconds: float) -> float:
-        """Add one search session's wall time to the run's total and return the total, so a
-        search resumed after a kill in fine-tuning still reports how long it searched."""
-        path = self.state_dir / SEARCH_TIME
-        total = self._search_seconds(path) + seconds
-        atomic_write_json(path, {"seconds": total})
+    def start_search_clock(self, evaluator=None) -> float:
+        """Start timing a search session and return the search time of the earlier ones.
+
+        While the clock runs, every history write records the total so far (the earlier
+        sessions' and this one's) with the evaluator's counters (evaluations, seconds and
+        their split), so that a search killed and resumed reports its whole time and what it
+        was spent on, not only its last session's: as far as the last row written, whatever
+        the searcher saves of its own. The earlier sessions' counters are added to the
+        evaluator's."""
+        saved = self._read_search_time(self.state_dir / SEARCH_TIME)
+        if evaluator is not None and isinstance(saved.get("evaluator"), dict):
+            earlier = saved["evaluator"]
+            try:
+                evaluations, seconds = int(earlier["evaluations"]), float(earlier["seconds"])
+                timings = {str(k): float(v) for k, v in earlier["timings"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.warning("the evaluator's counters in %s are damaged; they count this session only",
+                            self.state_dir / SEARCH_TIME)
+            else:
+                evaluator.evaluations += evaluations
+                evaluator.seconds += seconds
+                for key, value in timings.items():
+                    evaluator.timings[key] = evaluator.timings.get(key, 0.0) + value
+        self._clock = {"started": time.perf_counter(), "before": float(saved.get("seconds", 0.0)),
+                       "evaluator": evaluator}
+        return self._clock["before"]
+
+    def tick_search_clock(self) -> float | None:
+        """Record the running search's total time so far (None when no clock runs)."""
+        clock = self._clock
+        if clock is None:
+            return None
+        total = clock["before"] + time.perf_counter() - clock["started"]
+        record: dict = {"seconds": total}
+        evaluator = clock["evaluator"]
+        if evaluator is not None:
+            record["evaluator"] = {"evaluations": evaluator.evaluations, "seconds": evaluator.seconds,
+                                   "timings": dict(evaluator.timings)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.state_dir / SEARCH_TIME, record)
         return total
+
+    def stop_search_clock(self) -> float:
+        """Stop the clock; the search's total time, all sessions."""
+        total = self.tick_search_clock()
+        self._clock = None
+        return 0.0 if total is None else total
 
     def raise_search_seconds(self, seconds: float) -> None:
         """Make the run's search time at least `seconds` (what a searcher's saved state says
         its earlier sessions spent, killed ones included)."""
+        if self._clock is not None:
+            elapsed = time.perf_counter() - self._clock["started"]
+            self._clock["before"] = max(self._clock["before"], seconds - elapsed)
+            self.tick_search_clock()
+            return
         path = self.state_dir / SEARCH_TIME
-        if seconds > self._search_seconds(path):
-            atomic_write_json(path, {"seconds": seconds})
+        saved = self._read_search_time(path)
+        if seconds > float(saved.get("seconds", 0.0)):
+            atomic_write_json(path, {**saved, "seconds": seconds})
 
     @staticmethod
-    def _search_seconds(path: Path) -> float:
-        """The search time recorded so far (0 where none is). A damaged record counts as none:
-        the searchers' saved states carry their own time, which raises it again."""
+    def _read_search_time(path: Path) -> dict:
+        """The search time recorded so far ({"seconds": 0} where none is). A damaged record
+        counts as none: the searchers' saved states carry their own time, which raises it
+        again."""
         if not path.is_file():
-            return 0.0
+            return {"seconds": 0.0}
         try:
-            return float(json.loads(path.read_text(encoding="utf-8"))["seconds"])
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return {**saved, "seconds": float(saved["seconds"])}
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s is damaged (%s); the search time is taken from the searcher's saved state", path,
                         type(exc).__name__)
-            return 0.0
+            return {"seconds": 0.0}
 
     def plot_keep_ratios(self, policy: dict, channels: dict[str, int], title: str) -> Path:
         """Bar chart of the keep ratio of every group (PNG)."""

@@ -8,7 +8,6 @@ directory is created; the run directory is locked while this process writes it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,9 +243,13 @@ def _search_and_finish(run, settings: SearchSettings, searcher, evaluator, const
     from autoprune.pipeline.finish import finish_run
     from autoprune.train import TrainConfig
 
-    started = time.perf_counter()
+    run.start_search_clock(evaluator)
     result = searcher.run(run)
-    search_seconds = run.add_search_seconds(time.perf_counter() - started)
+    search_seconds = run.stop_search_clock()
+    # the agent's own time is the rest: the phases are whole-search totals (the clock restores
+    # the evaluator's, the searchers their own), and so is search_seconds
+    phases = {key: value for key, value in result.seconds.items() if key != "agent"}
+    result.seconds = {**phases, "agent": max(0.0, search_seconds - sum(phases.values()))}
     metrics, model = finish_run(run, evaluator, result, constraint, search_seconds=search_seconds,
                                 progress=progress, equal_steps=settings.equal_steps, onnx=settings.onnx,
                                 fit_latency=settings.fit_latency, stages=settings.finish_stages_value(),

@@ -157,6 +157,9 @@ def test_resume_after_interruptions_equals_an_uninterrupted_search(flops_search,
     monkeypatch.setattr(netadapt, "evaluate_proposal", never)
     finished = run_netadapt(run, evaluator, budget, config=SMALL, seed=3, progress=False)
     assert finished["policy"] == reference["policy"] and same_weights(finished["model"], reference["model"])
+    # ... and reports the time its proposals took in the sessions that scored them
+    assert finished["proposal_seconds"] == resumed["proposal_seconds"]
+    assert finished["proposal_seconds"]["short_term_finetune"] > 0
     with pytest.raises(AutopruneError, match="other settings"):
         run_netadapt(run, evaluator, budget, config=SMALL, seed=4, progress=False)
 
