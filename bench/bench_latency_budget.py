@@ -215,6 +215,10 @@ def report(args, passthrough: list[str], table) -> int:
     config = json.loads((run_dir(out, *next((a, s) for a, d in runs.items() for s in d)) / "config.json").read_text())
     options = "".join(f" {o}" for o in ([f"--agents {args.agents}"] if args.agents != AGENTS else []) + passthrough)
     base_name = f"Model: {config.get('model_name') or config.get('model')}, data: {config.get('data')}"
+    # the default model goes unnamed in the section's key (as it always did); any other model
+    # names it, so that its table never replaces the default model's at the same budget
+    model_tag = "" if not config.get("model") else "".join(
+        c if c.isalnum() else "-" for c in Path(str(config["model"])).stem.lower()).strip("-")
 
     def margin(agent: str, other: str, key: str) -> str:
         pairs = [100 * (m[key] - runs[other][s][key]) for s, m in runs.get(agent, {}).items()
@@ -225,7 +229,7 @@ def report(args, passthrough: list[str], table) -> int:
 
     lines = [
         f"## Every agent at {args.budget}, equal training, on {this_device()}"
-        + (f" ({args.tag})" if args.tag else ""),
+        + (f", {model_tag}" if model_tag else "") + (f" ({args.tag})" if args.tag else ""),
         "",
         f"`python bench/bench_latency_budget.py --lut {args.lut} --budget {args.budget} --seeds {args.seeds} "
         f"--finetune-epochs {args.finetune_epochs}{options}` (two workers, one thread each) on {this_device()}, torch "
@@ -287,8 +291,9 @@ def report(args, passthrough: list[str], table) -> int:
     print(body)
     plot(runs, out / "accuracy_vs_measured_latency.png", budget_ratio if latency_budget else None)
     if not args.no_write:
-        # one section and plot per budget and CPU: figures from two CPUs never share a table
-        tag = f"{args.budget.replace('%', 'p')}-{device_slug()}" + (f"-{args.tag}" if args.tag else "")
+        # one section and plot per budget, CPU and model: figures from two CPUs never share a table
+        tag = (f"{args.budget.replace('%', 'p')}-{device_slug()}" + (f"-{model_tag}" if model_tag else "")
+               + (f"-{args.tag}" if args.tag else ""))
         write_section(f"bench_latency_budget_{tag}", body)
         target = ROOT / "bench" / "results" / f"latency-budget-{tag}.png"
         target.write_bytes((out / "accuracy_vs_measured_latency.png").read_bytes())
