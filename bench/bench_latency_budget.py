@@ -134,6 +134,11 @@ def work(args, passthrough: list[str]) -> None:
         search(args, passthrough, entry, seed, steps)
 
 
+def slug(text: str) -> str:
+    """'seed 0 of 3' -> 'seed-0-of-3': a name for a section key and a file."""
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
 def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return ""
@@ -217,8 +222,7 @@ def report(args, passthrough: list[str], table) -> int:
     base_name = f"Model: {config.get('model_name') or config.get('model')}, data: {config.get('data')}"
     # the default model goes unnamed in the section's key (as it always did); any other model
     # names it, so that its table never replaces the default model's at the same budget
-    model_tag = "" if not config.get("model") else "".join(
-        c if c.isalnum() else "-" for c in Path(str(config["model"])).stem.lower()).strip("-")
+    model_tag = "" if not config.get("model") else slug(Path(str(config["model"])).stem)
 
     def margin(agent: str, other: str, key: str) -> str:
         pairs = [100 * (m[key] - runs[other][s][key]) for s, m in runs.get(agent, {}).items()
@@ -293,7 +297,7 @@ def report(args, passthrough: list[str], table) -> int:
     if not args.no_write:
         # one section and plot per budget, CPU and model: figures from two CPUs never share a table
         tag = (f"{args.budget.replace('%', 'p')}-{device_slug()}" + (f"-{model_tag}" if model_tag else "")
-               + (f"-{args.tag}" if args.tag else ""))
+               + (f"-{slug(args.tag)}" if args.tag else ""))
         write_section(f"bench_latency_budget_{tag}", body)
         target = ROOT / "bench" / "results" / f"latency-budget-{tag}.png"
         target.write_bytes((out / "accuracy_vs_measured_latency.png").read_bytes())

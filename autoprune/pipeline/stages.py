@@ -244,8 +244,10 @@ def _search_and_finish(run, settings: SearchSettings, searcher, evaluator, const
     from autoprune.train import TrainConfig
 
     run.start_search_clock(evaluator)
-    result = searcher.run(run)
-    search_seconds = run.stop_search_clock()
+    try:
+        result = searcher.run(run)
+    finally:  # a search that fails keeps its time too
+        search_seconds = run.stop_search_clock()
     # the agent's own time is the rest: the phases are whole-search totals (the clock restores
     # the evaluator's, the searchers their own), and so is search_seconds
     phases = {key: value for key, value in result.seconds.items() if key != "agent"}
