@@ -211,11 +211,8 @@ class DDPGSearcher(BaseSearcher):
     def run(self, run: Run) -> SearcherResult:
         restored: dict = {}
         c = self.context
-        evaluator, env = c.evaluator, self.env
-        started, env_started = time.perf_counter(), env.seconds
-        best = run_amc(run, env, self.config, seed=c.settings.seed, progress=c.progress, restored=restored)
+        evaluator = c.evaluator
+        best = run_amc(run, self.env, self.config, seed=c.settings.seed, progress=c.progress, restored=restored)
         if len(restored["leaders"]) > 1:
             best = pick_finalist(run, evaluator, restored["leaders"], c.settings.finalist_steps)
-        elapsed = time.perf_counter() - started
-        agent = restored.get("agent_seconds", 0.0) + max(0.0, elapsed - (env.seconds - env_started))
-        return self.result(best, {**evaluator.timings, "agent": agent})
+        return self.result(best, dict(evaluator.timings))

@@ -618,13 +618,9 @@ class NetAdaptSearcher(BaseSearcher):
         return asdict(self.config)
 
     def run(self, run: Run) -> SearcherResult:
-        import time
-
         c = self.context
-        started = time.perf_counter()
         found = run_netadapt(run, c.evaluator, c.constraint.budget, lut=c.lut, config=self.config,
                              seed=c.settings.seed, progress=c.progress)
-        phases = dict(found.get("proposal_seconds") or {})
-        seconds = {**phases, "agent": max(0.0, time.perf_counter() - started - sum(phases.values()))}
+        seconds = dict(found.get("proposal_seconds") or {})
         # NetAdapt scores its proposals itself, besides what its evaluator scores
         return self.result(found, seconds, evaluations=c.evaluator.evaluations + int(found.get("proposals") or 0))

@@ -369,7 +369,7 @@ class TorchCudaBackend(LatencyBackend):
                 "gpu_memory_gb": round(props.total_memory / 2**30, 1)}
 
     def device_tag(self) -> str:
-        return _slug(torch.cuda.get_device_properties(self.cuda).name)
+        return slug(torch.cuda.get_device_properties(self.cuda).name)
 
     def clock(self, run):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -521,11 +521,12 @@ def cpu_isa() -> list[str]:
     return [flag for flag in ISA_FLAGS if flag in flags]
 
 
-def _slug(text: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug
+def slug(text: str) -> str:
+    """'Intel(R) Xeon(R)' -> 'intel-r-xeon-r': a name for files and keys."""
+    name = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    while "--" in name:
+        name = name.replace("--", "-")
+    return name
 
 
 def device_slug() -> str:
@@ -534,7 +535,7 @@ def device_slug() -> str:
     info = _cpuinfo()
     if "cpu family" in info:
         name += f"-f{info['cpu family']}m{info.get('model', '')}"
-    return _slug(name)
+    return slug(name)
 
 
 def default_lut_path(backend: LatencyBackend, batch: int, model_tag: str) -> Path:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import describe_device, device_slug, load_lut, this_device
+from autoprune.latency import describe_device, device_slug, load_lut, slug, this_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -132,11 +132,6 @@ def work(args, passthrough: list[str]) -> None:
             continue
         steps = 0 if agent == "netadapt" else equal_steps_of(out, seed, wait=True)
         search(args, passthrough, entry, seed, steps)
-
-
-def slug(text: str) -> str:
-    """'seed 0 of 3' -> 'seed-0-of-3': a name for a section key and a file."""
-    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -49,7 +49,7 @@ class SearcherResult:
     score: float  # the best policy's validation score as the searcher measured it
     cost_ratio: float  # its value of the budget's resource over the unpruned network's
     evaluations: int  # candidates scored in all, across every session of a resumed search
-    seconds: dict[str, float] = field(default_factory=dict)  # where the search's time went (agent, prune, ...)
+    seconds: dict[str, float] = field(default_factory=dict)  # its phases (prune, ...); the pipeline adds "agent"
     model: nn.Module | None = None  # the searcher's own network, already pruned (and maybe trained), if any
     details: dict[str, Any] = field(default_factory=dict)  # its own figures: iterations, stop reason, threshold...
     training_steps: int = 0  # SGD steps the searcher gave `model` after pruning (equal training counts them)
@@ -105,17 +105,11 @@ class BaseSearcher:
     def run(self, run: Run) -> SearcherResult:
         raise NotImplementedError
 
-    def timed(self, search, run: Run, *, agent_seconds_before: float = 0.0) -> tuple[dict, dict]:
+    def timed(self, search, run: Run) -> tuple[dict, dict]:
         """(what `search(run)` returns, the time breakdown): the evaluator's phases (prune, BN
-        recalibration, scoring...) and the rest of this session's time as the agent's own."""
-        import time
-
-        evaluator = self.context.evaluator
-        started, evaluated = time.perf_counter(), evaluator.seconds
+        recalibration, scoring...), whole-search totals; the pipeline adds the agent's share."""
         found = search(run)
-        elapsed = time.perf_counter() - started
-        agent = agent_seconds_before + max(0.0, elapsed - (evaluator.seconds - evaluated))
-        return found, {**evaluator.timings, "agent": agent}
+        return found, dict(self.context.evaluator.timings)
 
     def result(self, found: dict, seconds: dict, *, evaluations: int | None = None) -> SearcherResult:
         """A SearcherResult from a search function's dict (policy, accuracy, cost_ratio, ...)."""
