@@ -244,10 +244,8 @@ def _search_and_finish(run, settings: SearchSettings, searcher, evaluator, const
     from autoprune.train import TrainConfig
 
     run.start_search_clock(evaluator)
-    try:
-        result = searcher.run(run)
-    finally:  # a search that fails keeps its time too
-        search_seconds = run.stop_search_clock()
+    result = searcher.run(run)  # one that fails writes nothing more: a refused state stays as it was
+    search_seconds = run.stop_search_clock()
     # the agent's own time is the rest: the phases are whole-search totals (the clock restores
     # the evaluator's, the searchers their own), and so is search_seconds
     phases = {key: value for key, value in result.seconds.items() if key != "agent"}
