@@ -19,6 +19,7 @@ board with Python and the runtime can build one alone.
 from __future__ import annotations
 
 import datetime
+from contextlib import contextmanager
 import hashlib
 import json
 import logging
@@ -216,10 +217,6 @@ class TorchBackend(LatencyBackend):
 
     name = "torch"
 
-    def __init__(self, threads: int = 1):
-        super().__init__(threads)
-        torch.set_num_threads(threads)
-
     def version(self) -> str:
         return torch.__version__
 
@@ -354,7 +351,6 @@ class TorchCudaBackend(LatencyBackend):
             raise AutopruneError(f"backend torch-cuda runs on a CUDA device, not {device!r}")
         if self.cuda.index is not None and self.cuda.index >= torch.cuda.device_count():
             raise AutopruneError(f"there is no {device} (this machine has {torch.cuda.device_count()} CUDA device(s))")
-        torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = True
 
     def version(self) -> str:
@@ -587,6 +583,23 @@ def pin_process(threads: int) -> list[int] | None:
     return cpus
 
 
+@contextmanager
+def timing_conditions(threads: int, pin: bool = True):
+    """While the body runs, torch computes on `threads` threads and (with `pin`, on Linux)
+    this process is held to its first `threads` CPUs; both are put back after, so timing a
+    network from Python leaves the caller's process as it was. Yields the CPUs pinned to,
+    or None."""
+    saved_threads = torch.get_num_threads()
+    saved_cpus = os.sched_getaffinity(0) if pin and hasattr(os, "sched_setaffinity") else None
+    torch.set_num_threads(threads)
+    try:
+        yield pin_process(threads) if saved_cpus is not None else None
+    finally:
+        torch.set_num_threads(saved_threads)
+        if saved_cpus is not None:
+            os.sched_setaffinity(0, saved_cpus)
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclass
@@ -785,12 +798,13 @@ def measure_networks(backend: LatencyBackend, models: list[nn.Module], input_sha
     runners = [backend.runner(m, (batch, *input_shape)) for m in models]
     best = [float("inf")] * len(models)
     n = len(runners)
-    for round_index in range(rounds):
-        for j in range(n):
-            i = (j + round_index) % n
-            best[i] = min(best[i], time_runs(runners[i], warmup, runs, backend.clock))
-            if progress is not None:
-                progress.update(1)
+    with timing_conditions(backend.threads, pin=False):
+        for round_index in range(rounds):
+            for j in range(n):
+                i = (j + round_index) % n
+                best[i] = min(best[i], time_runs(runners[i], warmup, runs, backend.clock))
+                if progress is not None:
+                    progress.update(1)
     return best
 
 
@@ -818,96 +832,96 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
 
     out = Path(out)
     lock = WriterLock(out.with_name(f".{out.name}.lock"), f"LUT {out}")  # held until the build returns
-    cpus = pin_process(backend.threads) if pin else None
-    plan = plan_grid(description, channel_step)
-    runtime = {**backend.metadata(), "batch": batch}
-    protocol = {"warmup": warmup, "runs": runs, "rounds": rounds,
-                "statistic": "minimum over rounds of the median of runs", "channel_step": channel_step,
-                "whole_networks": "each back to back within a round, the order rotating",
-                "pinned_cpus": cpus, "unit": "conv/linear + following BatchNorm and activation",
-                "calibration_samples": calibration_samples, "calibration_seed": seed}
-    model_info = {"name": model_name, "fingerprint": model_fingerprint(description),
-                  "input_shape": list(description.input_shape)}
-    data = None
-    if out.is_file():
-        try:
-            old = json.loads(out.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = None
-        if isinstance(old, dict) and old.get("complete"):
-            raise AutopruneError(f"{out} already holds a finished LUT; choose another --out or delete it")
-        if isinstance(old, dict) and _same_settings(old, model_info, runtime, protocol):
-            data = old
-            log.info("continuing unfinished LUT %s", out)
-        else:
-            raise AutopruneError(f"{out} exists and is not an unfinished LUT for this model and settings; "
-                                 "choose another --out or delete it")
-    if data is None:
-        data = {"format": LUT_FORMAT, "version": LUT_VERSION, "complete": False, "model": model_info,
-                "device": backend.device(), "runtime": runtime, "protocol": protocol,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "calibration": None, "call_overhead_ms": {}, "entries": {}}
-        for key, entry in plan.items():
-            ins = entry["in"]
-            data["entries"][key] = {"in": ins, "out": entry["out"],
-                                    "ms": [[None] * len(entry["out"]) for _ in ins],
-                                    "rounds_done": [[0] * len(entry["out"]) for _ in ins]}
-    grid_total = rounds * sum(len(e["in"]) * len(e["out"]) for e in data["entries"].values())
-    done = sum(n for e in data["entries"].values() for row in e.get("rounds_done", []) for n in row)
-    bar = tqdm(total=grid_total + rounds * (calibration_samples + 1), initial=done, desc="LUT", unit="run",
-               disable=not progress)
-    started = time.perf_counter()
-    last_write = time.monotonic()
-    shapes = sorted({unit_input_shape(plan[key]["layer"], cin, cout, batch)
-                     for key, table in data["entries"].items() for cin in table["in"] for cout in table["out"]})
-    overhead_rounds = data.setdefault("call_overhead_rounds", 0)
-    for round_index in range(rounds):
-        if overhead_rounds <= round_index:
-            for shape in shapes:
-                value = round(time_runs(backend.null_runner(shape), warmup, runs, backend.clock), 6)
-                old_value = data["call_overhead_ms"].get(shape_key(shape))
-                data["call_overhead_ms"][shape_key(shape)] = value if old_value is None else min(old_value, value)
-            data["call_overhead_rounds"] = overhead_rounds = round_index + 1
-        for key, table in data["entries"].items():
-            layer = plan[key]["layer"]
-            for i, cin in enumerate(table["in"]):
-                for j, cout in enumerate(table["out"]):
-                    if table["rounds_done"][i][j] > round_index:
-                        continue
-                    unit = unit_module(layer, cin, cout)
-                    unit._autoprune_unit = True
-                    run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
-                    value = round(time_runs(run, warmup, runs, backend.clock), 6)
-                    old_value = table["ms"][i][j]
-                    table["ms"][i][j] = value if old_value is None else min(old_value, value)
-                    table["rounds_done"][i][j] = round_index + 1
-                    bar.update(1)
-                    if time.monotonic() - last_write >= WRITE_EVERY_S:
-                        atomic_write_json(out, data)
-                        last_write = time.monotonic()
-    atomic_write_json(out, data)
+    with timing_conditions(backend.threads, pin) as cpus:
+        plan = plan_grid(description, channel_step)
+        runtime = {**backend.metadata(), "batch": batch}
+        protocol = {"warmup": warmup, "runs": runs, "rounds": rounds,
+                    "statistic": "minimum over rounds of the median of runs", "channel_step": channel_step,
+                    "whole_networks": "each back to back within a round, the order rotating",
+                    "pinned_cpus": cpus, "unit": "conv/linear + following BatchNorm and activation",
+                    "calibration_samples": calibration_samples, "calibration_seed": seed}
+        model_info = {"name": model_name, "fingerprint": model_fingerprint(description),
+                      "input_shape": list(description.input_shape)}
+        data = None
+        if out.is_file():
+            try:
+                old = json.loads(out.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+            if isinstance(old, dict) and old.get("complete"):
+                raise AutopruneError(f"{out} already holds a finished LUT; choose another --out or delete it")
+            if isinstance(old, dict) and _same_settings(old, model_info, runtime, protocol):
+                data = old
+                log.info("continuing unfinished LUT %s", out)
+            else:
+                raise AutopruneError(f"{out} exists and is not an unfinished LUT for this model and settings; "
+                                     "choose another --out or delete it")
+        if data is None:
+            data = {"format": LUT_FORMAT, "version": LUT_VERSION, "complete": False, "model": model_info,
+                    "device": backend.device(), "runtime": runtime, "protocol": protocol,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "calibration": None, "call_overhead_ms": {}, "entries": {}}
+            for key, entry in plan.items():
+                ins = entry["in"]
+                data["entries"][key] = {"in": ins, "out": entry["out"],
+                                        "ms": [[None] * len(entry["out"]) for _ in ins],
+                                        "rounds_done": [[0] * len(entry["out"]) for _ in ins]}
+        grid_total = rounds * sum(len(e["in"]) * len(e["out"]) for e in data["entries"].values())
+        done = sum(n for e in data["entries"].values() for row in e.get("rounds_done", []) for n in row)
+        bar = tqdm(total=grid_total + rounds * (calibration_samples + 1), initial=done, desc="LUT", unit="run",
+                   disable=not progress)
+        started = time.perf_counter()
+        last_write = time.monotonic()
+        shapes = sorted({unit_input_shape(plan[key]["layer"], cin, cout, batch)
+                         for key, table in data["entries"].items() for cin in table["in"] for cout in table["out"]})
+        overhead_rounds = data.setdefault("call_overhead_rounds", 0)
+        for round_index in range(rounds):
+            if overhead_rounds <= round_index:
+                for shape in shapes:
+                    value = round(time_runs(backend.null_runner(shape), warmup, runs, backend.clock), 6)
+                    old_value = data["call_overhead_ms"].get(shape_key(shape))
+                    data["call_overhead_ms"][shape_key(shape)] = value if old_value is None else min(old_value, value)
+                data["call_overhead_rounds"] = overhead_rounds = round_index + 1
+            for key, table in data["entries"].items():
+                layer = plan[key]["layer"]
+                for i, cin in enumerate(table["in"]):
+                    for j, cout in enumerate(table["out"]):
+                        if table["rounds_done"][i][j] > round_index:
+                            continue
+                        unit = unit_module(layer, cin, cout)
+                        unit._autoprune_unit = True
+                        run = backend.runner(unit, unit_input_shape(layer, cin, cout, batch))
+                        value = round(time_runs(run, warmup, runs, backend.clock), 6)
+                        old_value = table["ms"][i][j]
+                        table["ms"][i][j] = value if old_value is None else min(old_value, value)
+                        table["rounds_done"][i][j] = round_index + 1
+                        bar.update(1)
+                        if time.monotonic() - last_write >= WRITE_EVERY_S:
+                            atomic_write_json(out, data)
+                            last_write = time.monotonic()
+        atomic_write_json(out, data)
 
-    # whole-network calibration: the base model plus a few random policies
-    table = LatencyTable({**data, "calibration": None}, str(out))
-    pruner = ChannelPruner(model, description.input_shape)
-    policies = spread_policies(description, calibration_samples, seed)
-    networks = [model] + [pruner.prune(p) for p in policies]
-    measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
-    full = {g.name: g.channels for g in description.groups}
-    ranked = pruner.description  # which branch keeps which channels follows the pruner's ranking
-    kept = [full] + [policy_channels(ranked, p) for p in policies]
-    points = [{"sum_ms": round(table.raw_sum_ms(ranked, k), 6), "measured_ms": round(m, 6)}
-              for k, m in zip(kept, measured)]
-    bar.close()
-    for entry in data["entries"].values():
-        entry.pop("rounds_done", None)
-    data.pop("call_overhead_rounds", None)
-    data["calibration"] = fit_calibration(points)
-    data["build_seconds"] = round(time.perf_counter() - started, 1)
-    data["complete"] = True
-    atomic_write_json(out, data)
-    lock.release()
-    return LatencyTable(data, str(out))
+        # whole-network calibration: the base model plus a few random policies
+        table = LatencyTable({**data, "calibration": None}, str(out))
+        pruner = ChannelPruner(model, description.input_shape)
+        policies = spread_policies(description, calibration_samples, seed)
+        networks = [model] + [pruner.prune(p) for p in policies]
+        measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
+        full = {g.name: g.channels for g in description.groups}
+        ranked = pruner.description  # which branch keeps which channels follows the pruner's ranking
+        kept = [full] + [policy_channels(ranked, p) for p in policies]
+        points = [{"sum_ms": round(table.raw_sum_ms(ranked, k), 6), "measured_ms": round(m, 6)}
+                  for k, m in zip(kept, measured)]
+        bar.close()
+        for entry in data["entries"].values():
+            entry.pop("rounds_done", None)
+        data.pop("call_overhead_rounds", None)
+        data["calibration"] = fit_calibration(points)
+        data["build_seconds"] = round(time.perf_counter() - started, 1)
+        data["complete"] = True
+        atomic_write_json(out, data)
+        lock.release()
+        return LatencyTable(data, str(out))
 
 
 def fit_calibration(points: list[dict]) -> dict:
@@ -958,7 +972,6 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
     table.check_model(description)
     rt, protocol = table.runtime, table.data["protocol"]
     backend = backend_for(rt)
-    pin_process(rt["threads"])
     warmup = protocol["warmup"] if warmup is None else warmup
     runs = protocol["runs"] if runs is None else runs
     rounds = max(5, protocol.get("rounds", 1)) if rounds is None else rounds
@@ -966,8 +979,9 @@ def validate_lut(table: LatencyTable, model: nn.Module, description: NetworkDesc
     policies = random_policies(description, samples, seed, *keep_range)
     bar = tqdm(total=(samples + 1) * rounds, desc="validate", unit="run", disable=not progress)
     # the unpruned network is timed in turn with the others: a relative budget is a ratio to it
-    measured = measure_networks(backend, [model] + [pruner.prune(p) for p in policies], description.input_shape,
-                                rt["batch"], warmup, runs, rounds, bar)
+    with timing_conditions(rt["threads"]):
+        measured = measure_networks(backend, [model] + [pruner.prune(p) for p in policies],
+                                    description.input_shape, rt["batch"], warmup, runs, rounds, bar)
     bar.close()
     base_measured, measured = measured[0], measured[1:]
     base_predicted = table.predict_ms(pruner.description)
@@ -1085,29 +1099,22 @@ def measure_latency_here(models: list[nn.Module], input_shape: tuple[int, int, i
         runtime = lut.runtime
         backend_name, threads, batch = runtime["backend"], runtime["threads"], runtime.get("batch", 1)
         options = {key: runtime[key] for key in ("graph_optimization", "cuda_device") if key in runtime}
-    saved_threads = torch.get_num_threads()
-    saved_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        try:
-            backend = backend_for(runtime)
-        except AutopruneError as exc:
-            note = f"the LUT's runtime is not usable here ({exc}); measured under torch eager instead"
-            log.warning(note)
-            backend_name, threads, batch, options = "torch", 1, 1, {}
-            backend = get_backend("torch", 1)
-        shape = (batch, *input_shape)
-        pin_process(threads)
+        backend = backend_for(runtime)
+    except AutopruneError as exc:
+        note = f"the LUT's runtime is not usable here ({exc}); measured under torch eager instead"
+        log.warning(note)
+        backend_name, threads, batch, options = "torch", 1, 1, {}
+        backend = get_backend("torch", 1)
+    shape = (batch, *input_shape)
+    with timing_conditions(threads) as pinned:
         probe_ms = time_runs(backend.runner(models[0], shape), 2, 3, backend.clock)
         runs = int(min(LATENCY_RUNS[1], max(LATENCY_RUNS[0], LATENCY_TARGET_MS / max(probe_ms, 1e-3))))
         measured = measure_networks(backend, models, input_shape, batch, warmup=LATENCY_WARMUP, runs=runs,
                                     rounds=LATENCY_ROUNDS)
-    finally:
-        torch.set_num_threads(saved_threads)
-        if saved_cpus is not None:
-            os.sched_setaffinity(0, saved_cpus)
     lut_device = (lut.data.get("device") or {}) if lut is not None else None
     settings = {"backend": backend_name, "threads": threads, "batch": batch, **options, "warmup": LATENCY_WARMUP,
-                "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": saved_cpus is not None,
+                "runs": runs, "rounds": LATENCY_ROUNDS, "pinned": pinned is not None,
                 "statistic": "minimum over rounds of the median of runs",
                 "measured_on": this_device(),
                 "lut_device": None if lut is None else describe_device(lut_device),

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -168,6 +169,36 @@ def test_onnx_unit_graph_computes_what_the_torch_unit_computes():
         with torch.no_grad():
             want = unit(torch.from_numpy(x)).numpy()
         assert np.allclose(got, want, atol=1e-4), layer.name
+
+
+def test_timing_from_python_leaves_the_process_as_it_was(tmp_path):
+    """A build and a validation set torch's threads to the table's and pin the process while
+    they time, and put both back: a caller who builds a table and then trains keeps its cores."""
+    affinity = hasattr(os, "sched_getaffinity")
+    torch.set_num_threads(2)  # as the suite runs (conftest): not the table's one thread
+    threads_before = torch.get_num_threads()
+    cpus_before = os.sched_getaffinity(0) if affinity else None
+    seen = []
+
+    class Watched(TorchBackend):
+        def runner(self, module, input_shape):
+            run = super().runner(module, input_shape)
+
+            def watched():
+                seen.append((torch.get_num_threads(), os.sched_getaffinity(0) if affinity else None))
+                return run()
+            return watched
+
+    model = tiny_net().eval()
+    description = describe_network(model, SHAPE)
+    table = build_lut(model, description, Watched(1), tmp_path / "t.json", channel_step=8, warmup=1, runs=2,
+                      calibration_samples=2, progress=False, pin=True)
+    assert torch.get_num_threads() == threads_before and (not affinity or os.sched_getaffinity(0) == cpus_before)
+    validate_lut(table, model, description, samples=2, warmup=1, runs=2, rounds=1, progress=False)
+    assert torch.get_num_threads() == threads_before and (not affinity or os.sched_getaffinity(0) == cpus_before)
+    assert seen and all(threads == 1 for threads, _ in seen)
+    if affinity:
+        assert all(len(cpus) == 1 for _, cpus in seen)
 
 
 def test_onnxruntime_lut_builds_and_validates(tmp_path):
