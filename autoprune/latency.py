@@ -19,7 +19,6 @@ board with Python and the runtime can build one alone.
 from __future__ import annotations
 
 import datetime
-from contextlib import contextmanager
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
