@@ -313,7 +313,7 @@ class UniformSearcher(BaseSearcher):
 
     def run(self, run: Run) -> SearcherResult:
         c = self.context
-        return self.result(*self.timed(lambda r: run_uniform(r, c.evaluator, c.constraint.budget, c.lut,
+        return self.result(*self.with_phases(lambda r: run_uniform(r, c.evaluator, c.constraint.budget, c.lut,
                                                              seed=c.settings.seed, progress=c.progress), run))
 
 
@@ -324,7 +324,7 @@ class TPGlobalSearcher(BaseSearcher):
 
     def run(self, run: Run) -> SearcherResult:
         c = self.context
-        return self.result(*self.timed(lambda r: run_tp_global(
+        return self.result(*self.with_phases(lambda r: run_tp_global(
             r, c.evaluator, c.constraint.budget, c.lut, lower_bound=c.settings.lower_bound, seed=c.settings.seed,
             progress=c.progress), run))
 
@@ -346,7 +346,7 @@ class RandomSearcher(BaseSearcher):
 
     def run(self, run: Run) -> SearcherResult:
         c, s = self.context, self.context.settings
-        return self.result(*self.timed(lambda r: run_random(
+        return self.result(*self.with_phases(lambda r: run_random(
             r, c.evaluator, c.constraint.budget, c.lut, samples=s.samples, lower_bound=s.lower_bound, fill=s.fill,
             action_mapping=s.action_mapping, seed=s.seed, progress=c.progress), run))
 
@@ -363,6 +363,6 @@ class SensitivitySearcher(BaseSearcher):
 
     def run(self, run: Run) -> SearcherResult:
         c, s = self.context, self.context.settings
-        return self.result(*self.timed(lambda r: run_sensitivity(
+        return self.result(*self.with_phases(lambda r: run_sensitivity(
             r, c.evaluator, c.constraint.budget, c.lut, lower_bound=s.lower_bound, step=s.sensitivity_step,
             seed=s.seed, progress=c.progress), run))

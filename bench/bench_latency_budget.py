@@ -21,6 +21,12 @@ the fastest pass kept): run it with nothing else on the machine. The
 runs' own measurements are taken as each run ends, while the other worker trains on the
 other core; on a shared virtual machine those are not worth much (BENCHMARKS.md).
 
+`--record DIR` keeps what the report and `--measure` need of every finished run (its
+config.json and metrics.json) and the quiet measurement in DIR, a directory under version
+control, and brings recorded runs back into `--out` when they are missing there: run
+directories hold checkpoints and are not kept, so without a record a fresh clone starts
+the bench over. Finished runs are recorded as they end; a run cut short is searched again.
+
 Options it does not know go to `autoprune search` as they are (`--model`, ...).
 """
 
@@ -30,6 +36,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +60,40 @@ def run_dir(out: Path, agent: str, seed: int) -> Path:
 
 def finished(path: Path) -> bool:
     return (path / "metrics.json").is_file()
+
+
+RECORDED = ("config.json", "metrics.json")  # all the report and --measure read of a run
+QUIET = "measured.json"
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy a file so that a reader never sees half of it (two workers may copy at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, part)
+    os.replace(part, target)
+
+
+def sync_record(out: Path, record: Path | None) -> None:
+    """Copy every finished run of `out` the record lacks into it, and every recorded run
+    `out` lacks (or holds unfinished) into `out`; likewise the quiet measurement, the newer
+    file winning."""
+    if record is None:
+        return
+    for path in sorted(p.parent for p in out.glob("*/metrics.json")):
+        if not finished(record / path.name):
+            for name in RECORDED:
+                copy_atomic(path / name, record / path.name / name)
+    for kept in sorted(p.parent for p in record.glob("*/metrics.json")):
+        if not finished(out / kept.name):
+            for name in RECORDED:
+                copy_atomic(kept / name, out / kept.name / name)
+            print(f"{kept.name}: restored from {record}", file=sys.stderr)
+    mine, kept = out / QUIET, record / QUIET
+    if mine.is_file() and (not kept.is_file() or mine.stat().st_mtime > kept.stat().st_mtime):
+        copy_atomic(mine, kept)
+    elif kept.is_file() and not mine.is_file():
+        copy_atomic(kept, mine)
 
 
 def labelled(entry: str) -> tuple[str, str]:
@@ -132,6 +173,7 @@ def work(args, passthrough: list[str]) -> None:
             continue
         steps = 0 if agent == "netadapt" else equal_steps_of(out, seed, wait=True)
         search(args, passthrough, entry, seed, steps)
+        sync_record(out, args.record)
 
 
 def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -170,7 +212,7 @@ def runtime_words(runtime: dict) -> str:
 def measure(args, table) -> None:
     """Time every finished run's network (the base model cut to its channel counts: latency
     depends on the counts alone) in turn with the unpruned one; writes OUT/measured.json."""
-    from autoprune.latency import backend_for, measure_networks, pin_process
+    from autoprune.latency import backend_for, measure_networks, timing_conditions
     from autoprune.pruning import ChannelPruner
 
     out = Path(args.out)
@@ -182,22 +224,23 @@ def measure(args, table) -> None:
     pruner = ChannelPruner(inputs.model, shape)
     networks = [inputs.model] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
     runtime = table.runtime  # the table's own runtime, threads and batch
-    pin_process(runtime["threads"])
-    ms = measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20, runs=100,
-                          rounds=5)
+    with timing_conditions(runtime["threads"]):
+        ms = measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20,
+                              runs=100, rounds=5)
     result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": ms[0],
               "protocol": f"{runtime_words(runtime)}, pinned; each network back to back within a round (20 "
                           "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
                           "median",
               "runs": {p.name: {"ms": m, "ratio": m / ms[0]} for p, m in zip(paths, ms[1:])}}
-    (out / "measured.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / QUIET).write_text(json.dumps(result, indent=2) + "\n")
+    sync_record(out, args.record)
     print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))
 
 
 def report(args, passthrough: list[str], table) -> int:
     out = Path(args.out)
     runs: dict[str, dict[int, dict]] = {}
-    quiet = json.loads((out / "measured.json").read_text()) if (out / "measured.json").is_file() else None
+    quiet = json.loads((out / QUIET).read_text()) if (out / QUIET).is_file() else None
     labels = [labelled(entry)[0] for entry in args.agents.split(",")]
     for agent in labels:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -333,9 +376,13 @@ def main() -> int:
     parser.add_argument("--measure", action="store_true",
                         help="time every finished run's network again first (nothing else may run)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="keep every finished run's config.json and metrics.json and the quiet measurement "
+                             "here (a directory under version control), and restore recorded runs into --out")
     parser.add_argument("--tag", default="", help="suffix of the BENCHMARKS section and plot, for a variant of "
                                                   "the protocol")
     args, passthrough = parser.parse_known_args()
+    sync_record(Path(args.out), args.record)
     if not args.report and not args.measure:
         work(args, passthrough)
     table = load_lut(args.lut)

@@ -140,7 +140,7 @@ def compare_runtimes(model, description, backends: list[str]) -> dict:
     """Unpruned and 50 %-latency uniform network, timed under each runtime."""
     from autoprune.budgets import Constraint, parse_budget
     from autoprune.costs import count_cost, policy_channels, uniform_policy
-    from autoprune.latency import measure_networks, pin_process
+    from autoprune.latency import measure_networks, timing_conditions
     from autoprune.pruning import ChannelPruner
 
     table = load_lut(ROOT / default_lut_path(get_backend(backends[0], 1), 1, "resnet20-fashion-mnist"))
@@ -149,12 +149,12 @@ def compare_runtimes(model, description, backends: list[str]) -> dict:
     policy = uniform_policy(description, keep)
     pruned = pruner.prune(policy)
     flops = count_cost(pruner.description, policy_channels(pruner.description, policy)).flops
-    pin_process(1)
     ms = {}
-    for name in backends:
-        ms[name] = measure_networks(get_backend(name, 1), [model, pruned], description.input_shape, 1,
-                                    warmup=20, runs=100, rounds=5)
-        print(name, ms[name])
+    with timing_conditions(1):
+        for name in backends:
+            ms[name] = measure_networks(get_backend(name, 1), [model, pruned], description.input_shape, 1,
+                                        warmup=20, runs=100, rounds=5)
+            print(name, ms[name])
     return {"lut_backend": backends[0], "keep": keep, "flops_ratio": flops / count_cost(pruner.description).flops,
             "ms": ms}
 

@@ -105,9 +105,10 @@ class BaseSearcher:
     def run(self, run: Run) -> SearcherResult:
         raise NotImplementedError
 
-    def timed(self, search, run: Run) -> tuple[dict, dict]:
-        """(what `search(run)` returns, the time breakdown): the evaluator's phases (prune, BN
-        recalibration, scoring...), whole-search totals; the pipeline adds the agent's share."""
+    def with_phases(self, search, run: Run) -> tuple[dict, dict]:
+        """(what `search(run)` returns, the evaluator's time per phase over the whole search:
+        prune, BN recalibration, scoring...); the pipeline times the search itself and adds
+        the agent's share."""
         found = search(run)
         return found, dict(self.context.evaluator.timings)
 
