@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from autoprune.latency import describe_device, device_slug, load_lut, slug, this_device
+from autoprune.latency import describe_device, device_slug, load_lut, same_device, slug, this_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -174,6 +174,15 @@ def work(args, passthrough: list[str]) -> None:
         steps = 0 if agent == "netadapt" else equal_steps_of(out, seed, wait=True)
         search(args, passthrough, entry, seed, steps)
         sync_record(out, args.record)
+
+
+def check_device(table) -> None:
+    """Searching, timing or reporting on another CPU than the table's would put two CPUs'
+    latencies in one comparison (the runs' own timings, the latency fit, the quiet pass) or
+    name the wrong CPU over it: refuse."""
+    if not same_device(table.data.get("device")):
+        raise SystemExit(f"the LUT was measured on {describe_device(table.data.get('device'))} and this machine is "
+                         f"{this_device()}: run, measure and report this bench on the LUT's CPU")
 
 
 def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -383,9 +392,10 @@ def main() -> int:
                                                   "the protocol")
     args, passthrough = parser.parse_known_args()
     sync_record(Path(args.out), args.record)
+    table = load_lut(args.lut)
+    check_device(table)
     if not args.report and not args.measure:
         work(args, passthrough)
-    table = load_lut(args.lut)
     if args.measure:
         measure(args, table)
     return report(args, passthrough, table)

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -55,3 +57,17 @@ def test_without_a_record_nothing_is_copied(tmp_path):
     write_run(tmp_path / "runs" / "uniform-s0", 0.91)
     bench.sync_record(tmp_path / "runs", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_the_bench_refuses_another_cpu():
+    from autoprune.latency import cpu_id, cpu_model
+
+    bench = load_bench()
+
+    class Table:
+        data = {"device": {"cpu": "Some Other CPU", "cpu_id": "family 1 model 2 stepping 3"}}
+
+    with pytest.raises(SystemExit, match="Some Other CPU"):
+        bench.check_device(Table())
+    Table.data = {"device": {"cpu": cpu_model(), "cpu_id": cpu_id()}}
+    bench.check_device(Table())  # this machine's table: nothing to refuse
