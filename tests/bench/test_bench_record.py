@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def load_bench():
-    sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_latency_budget", BENCH / "bench_latency_budget.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
