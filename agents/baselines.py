@@ -314,7 +314,7 @@ class UniformSearcher(BaseSearcher):
     def run(self, run: Run) -> SearcherResult:
         c = self.context
         return self.result(*self.with_phases(lambda r: run_uniform(r, c.evaluator, c.constraint.budget, c.lut,
-                                                             seed=c.settings.seed, progress=c.progress), run))
+                                                                   seed=c.settings.seed, progress=c.progress), run))
 
 
 class TPGlobalSearcher(BaseSearcher):
