@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from autoprune.io import atomic_write_bytes, atomic_write_text
 from autoprune.latency import describe_device, device_slug, load_lut, same_device, slug, this_device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +66,21 @@ RECORDED = ("config.json", "metrics.json")  # all the report and --measure read 
 QUIET = "measured.json"
 
 
-def copy_atomic(source: Path, target: Path) -> None:
+def copy_file(source: Path, target: Path) -> None:
     """Copy a file so that a reader never sees half of it (two workers may copy at once)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, part)
-    os.replace(part, target)
+    atomic_write_bytes(target, source.read_bytes())
+
+
+def copy_finished_runs(source: Path, target: Path) -> list[str]:
+    """Copy the recorded files of every run finished in `source` but not in `target`;
+    returns the names of the runs copied."""
+    copied = []
+    for run in sorted(p.parent for p in source.glob("*/metrics.json")):
+        if not finished(target / run.name):
+            for name in RECORDED:
+                copy_file(run / name, target / run.name / name)
+            copied.append(run.name)
+    return copied
 
 
 def sync_record(out: Path, record: Path | None) -> None:
@@ -80,20 +89,14 @@ def sync_record(out: Path, record: Path | None) -> None:
     file winning."""
     if record is None:
         return
-    for path in sorted(p.parent for p in out.glob("*/metrics.json")):
-        if not finished(record / path.name):
-            for name in RECORDED:
-                copy_atomic(path / name, record / path.name / name)
-    for kept in sorted(p.parent for p in record.glob("*/metrics.json")):
-        if not finished(out / kept.name):
-            for name in RECORDED:
-                copy_atomic(kept / name, out / kept.name / name)
-            print(f"{kept.name}: restored from {record}", file=sys.stderr)
+    copy_finished_runs(out, record)
+    for name in copy_finished_runs(record, out):
+        print(f"{name}: restored from {record}", file=sys.stderr)
     mine, kept = out / QUIET, record / QUIET
     if mine.is_file() and (not kept.is_file() or mine.stat().st_mtime > kept.stat().st_mtime):
-        copy_atomic(mine, kept)
+        copy_file(mine, kept)
     elif kept.is_file() and not mine.is_file():
-        copy_atomic(kept, mine)
+        copy_file(kept, mine)
 
 
 def labelled(entry: str) -> tuple[str, str]:
@@ -241,7 +244,7 @@ def measure(args, table) -> None:
                           "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
                           "median",
               "runs": {p.name: {"ms": m, "ratio": m / ms[0]} for p, m in zip(paths, ms[1:])}}
-    (out / QUIET).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / QUIET, json.dumps(result, indent=2) + "\n")
     sync_record(out, args.record)
     print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))
 
