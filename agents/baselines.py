@@ -34,7 +34,7 @@ from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.io import atomic_write_json
 from autoprune.runs import Run
-from autoprune.pipeline.protocol import BaseSearcher, SearcherResult
+from autoprune.pipeline.protocol import BaseSearcher, OwnSizes, SearcherResult
 from autoprune.train import evaluate, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,11 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
 
     No group loses more than 1 - `lower_bound` of its channels (Torch-Pruning's
     `max_pruning_ratio`), as no other agent may. Returns Torch-Pruning's network as
-    "model" (its channels, not the criterion's), with its BN-recalibrated accuracy.
+    "model" (its channels, not the criterion's), with its BN-recalibrated accuracy, and
+    as "sizes" the same pruning at other global ratios: size s prunes 1 - s(1 - r) of the
+    channels where r is the ratio found (so a latency fit grows or shrinks the network by
+    Torch-Pruning's own ranking, as the other agents' networks are grown or shrunk by
+    theirs).
     """
     from autoprune.pruning import global_magnitude_prune
 
@@ -129,8 +133,14 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
     run.write_best_policy(policy, global_ratio=high, accuracy=accuracy, cost_ratio=check.ratio, channels=kept)
     log.info("Torch-Pruning global ratio %.4f: accuracy %.4f at %.4f of the budget's resource", high, accuracy,
              check.ratio)
+    found = high
+
+    def at(size: float):
+        ratio = min(1.0 - lower_bound, max(0.0, 1.0 - size * (1.0 - found)))
+        return global_magnitude_prune(base_model, description, ratio, max_pruning_ratio=1.0 - lower_bound)
+
     return {"policy": policy, "channels": kept, "accuracy": accuracy, "cost_ratio": check.ratio,
-            "global_ratio": high, "model": model}
+            "global_ratio": high, "model": model, "sizes": OwnSizes(at, 1.0 / (1.0 - found) if found < 1.0 else 1.0)}
 
 
 # ---------------------------------------------------------------- random

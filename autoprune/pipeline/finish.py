@@ -23,7 +23,7 @@ from autoprune.export import check_onnx, export_onnx, save_pruned_model, save_tr
 from autoprune.latency import measure_latency
 from autoprune.report import write_report
 from autoprune.runs import Run
-from autoprune.pipeline.protocol import SearcherResult
+from autoprune.pipeline.protocol import OwnSizes, SearcherResult
 from autoprune.train import TrainConfig, epoch_steps, evaluate, recalibrate_bn, recalibration_note, train
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     channels = dict(result.channels) or constraint.channels(policy)
     fit = None
     if fit_latency and budget.metric == "latency":
-        channels, fit = _fit_latency(run, evaluator, constraint, channels, model)
+        channels, fit = _fit_latency(run, evaluator, constraint, channels, model, result.sizes)
         if fit.get("fitted") and channels != fit["steps"][0]["channels"]:
             policy = {g.name: channels[g.name] / g.channels for g in description.groups}
-            if model is not None:
+            if result.sizes is not None:
+                model = _own_size(result.sizes, fit["steps"][fit["chosen"]]["factor"], channels)
+            elif model is not None:
                 model = _shrink(model, shape, fit["steps"][0]["channels"], channels)
     base_cost, cost = count_cost(description), count_cost(description, channels)
 
@@ -231,14 +233,25 @@ def _shrink(model: nn.Module, shape: tuple[int, int, int], kept: dict[str, int],
                          for g in pruner.description.groups})
 
 
+def _own_size(sizes: OwnSizes, size: float, channels: dict[str, int]) -> nn.Module:
+    """The searcher's own network at `size`, which the latency fit chose as `channels`."""
+    model, kept = sizes.at(size)
+    if {name: int(v) for name, v in kept.items()} != channels:
+        raise AutopruneError(f"the searcher's network at size {size:g} keeps other channels than the latency fit "
+                             "chose (its pruning is not repeatable); search again into a new run directory")
+    return model
+
+
 def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, channels: dict[str, int],
-                 model: nn.Module | None) -> tuple[dict[str, int], dict]:
+                 model: nn.Module | None, sizes: OwnSizes | None = None) -> tuple[dict[str, int], dict]:
     """`fit_measured_latency` for the network a search produced: pruned from the base model
-    (which may grow back) or the search's own (which can only shrink)."""
+    or made by the searcher at other sizes (either may grow back), else the search's own
+    (which can only shrink)."""
     from autoprune.pipeline.fit import fit_measured_latency
     from autoprune.pruning import describe_network
 
     description, shape = constraint.description, evaluator.data.input_shape
+    family = None
     if model is None:
         def build(plan: dict[str, int]) -> nn.Module:
             return evaluator.pruner.prune({g.name: plan[g.name] / g.channels for g in description.groups}).cpu()
@@ -247,11 +260,24 @@ def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, c
         own_groups = {g.name: g.channels for g in describe_network(own, shape).groups}
         if own_groups != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
             return channels, {"fitted": False, "reason": "the search's own network does not match its channel plan"}
+        if sizes is None:
+            def build(plan: dict[str, int]) -> nn.Module:
+                return _shrink(own, shape, channels, plan)
+        else:
+            size_of: dict[tuple, float] = {}  # plan -> the size that made it
 
-        def build(plan: dict[str, int]) -> nn.Module:
-            return _shrink(own, shape, channels, plan)
+            def plan_for(size: float) -> dict[str, int]:
+                plan = {name: int(v) for name, v in sizes.at(size)[1].items()}
+                size_of.setdefault(tuple(sorted(plan.items())), size)
+                return plan
+
+            def build(plan: dict[str, int]) -> nn.Module:
+                if plan == channels:
+                    return own
+                return sizes.at(size_of[tuple(sorted(plan.items()))])[0].cpu().eval()
+            family = (plan_for, sizes.largest)
     return fit_measured_latency(constraint, channels, build, evaluator.pruner.model, shape,
-                                grow=model is None, state_dir=run.state_dir)
+                                grow=model is None, sizes=family, state_dir=run.state_dir)
 
 
 def _export(run: Run, pruned: nn.Module, shape: tuple[int, int, int], meta: dict, onnx: bool) -> dict:

@@ -9,7 +9,9 @@ networks still under-predicted those by 5-16 % and they missed a 50 % budget by 
 in a fresh process against the unpruned one, and while it lies outside the window
 [budget - WINDOW, budget] (WINDOW of the unpruned network's latency) scales every
 group's kept channels by one factor, chosen on the table corrected by the last
-measurement, and times again.
+measurement, and times again. A searcher that can make its own network at other sizes
+(Torch-Pruning's global pruning, at other global ratios) is fitted along that family
+instead, so that its network may grow as well as shrink and stays its own.
 
 Only on the CPU the LUT was measured on (elsewhere the table is all there is). The
 network found is written to the run's state before fine-tuning, so a resumed run
@@ -56,17 +58,17 @@ def scaled_channels(description: NetworkDescription, kept: Mapping[str, int], fa
     return out
 
 
-def factor_for(predict: Callable[[dict[str, int]], float], description: NetworkDescription, kept: Mapping[str, int],
-               target_ms: float, multiple: int = 1, grow: bool = True) -> float:
-    """The largest factor whose plan `scaled_channels(kept, factor)` the table predicts at or
-    below `target_ms` (0 when none is: the smallest plan the groups allow)."""
-    top = max(g.channels / max(1, kept[g.name]) for g in description.groups) if grow else 1.0
-    low, high = 0.0, max(1.0, top)
-    if predict(scaled_channels(description, kept, high, multiple, grow)) <= target_ms:
+def factor_for(predict: Callable[[dict[str, int]], float], plan_for: Callable[[float], dict[str, int]], top: float,
+               target_ms: float, halvings: int = 40) -> float:
+    """The largest factor in [0, `top`] whose plan `plan_for(factor)` the table predicts at
+    or below `target_ms` (0 when none is: the smallest plan of the family). Plans grow with
+    the factor."""
+    low, high = 0.0, top
+    if predict(plan_for(high)) <= target_ms:
         return high
-    for _ in range(40):  # the plan changes in whole channels: 40 halvings are well past the last change
+    for _ in range(halvings):
         middle = (low + high) / 2
-        if predict(scaled_channels(description, kept, middle, multiple, grow)) <= target_ms:
+        if predict(plan_for(middle)) <= target_ms:
             low = middle
         else:
             high = middle
@@ -90,12 +92,15 @@ def _next_target(steps: list[dict], aim: float) -> float:
 
 def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build: Callable[[dict[str, int]], nn.Module],
                          base_model: nn.Module, input_shape: tuple[int, int, int], *, grow: bool,
+                         sizes: tuple[Callable[[float], dict[str, int]], float] | None = None,
                          state_dir=None, worker: LatencyWorker | None = None) -> tuple[dict[str, int], dict]:
     """The channel plan that meets a latency budget as measured on this machine, and a record.
 
-    The plans tried are `scaled_channels(kept, factor)`; `build(plan)` makes the network of
-    one. `grow` allows plans larger than `kept` (False when the network is the search's
-    own, which can only lose channels). Returns (`kept` unchanged, a record saying why)
+    The plans tried are `scaled_channels(kept, factor)`, or with `sizes` = (`plan_for`,
+    `largest`) a family of the searcher's own, `plan_for(factor)` for factors up to
+    `largest` (`plan_for(1)` being `kept`); `build(plan)` makes the network of one. `grow`
+    allows plans larger than `kept` (False when the network is the search's own and can
+    only lose channels; ignored with `sizes`). Returns (`kept` unchanged, a record saying why)
     when there is nothing to fit: not a latency budget, or a LUT from another CPU. With
     `state_dir` the result is kept in FIT_FILE there and read back on the next call.
     """
@@ -122,6 +127,17 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
     def predict(plan: dict[str, int]) -> float:
         return lut.predict_ms(description, plan)
 
+    if sizes is None:
+        halvings = 40  # the plan changes in whole channels: 40 halvings are well past the last change
+        top = max(1.0, *(g.channels / max(1, kept[g.name]) for g in description.groups)) if grow else 1.0
+
+        def plan_for(factor: float) -> dict[str, int]:
+            return scaled_channels(description, kept, factor, constraint.multiple, grow)
+    else:
+        # each of these plans is a pruning of the searcher's own: fewer halvings, each still
+        # finer than the plan's smallest change over a range of a few units
+        (plan_for, top), grow, halvings = sizes, True, 14
+
     own_worker = worker is None
     worker = worker or LatencyWorker(input_shape, lut)
     steps: list[dict] = []
@@ -138,8 +154,8 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
             if low <= ms <= limit or (ms < low and not grow and factor >= 1.0) or round_index == ROUNDS:
                 break
             aim = (limit - WINDOW * base_ms / 2) / base_ms
-            factor = factor_for(predict, description, kept, _next_target(steps, aim), constraint.multiple, grow)
-            candidate = scaled_channels(description, kept, factor, constraint.multiple, grow)
+            factor = factor_for(predict, plan_for, top, _next_target(steps, aim), halvings)
+            candidate = plan_for(factor)
             if any(s["channels"] == candidate for s in steps):
                 break  # the table cannot tell a plan between two already timed
             plan = candidate

@@ -9,6 +9,7 @@ earlier, killed `run` left there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -41,6 +42,16 @@ class SearchContext:
 
 
 @dataclass
+class OwnSizes:
+    """A searcher's own network at other sizes, so that a latency fit may grow it as well as
+    shrink it: `at(size)` is (network, channels kept per group); size 1 is the network the
+    search found, larger sizes keep more, up to `largest`."""
+
+    at: Callable[[float], tuple[nn.Module, dict[str, int]]]
+    largest: float
+
+
+@dataclass
 class SearcherResult:
     """What every searcher returns."""
 
@@ -54,6 +65,7 @@ class SearcherResult:
     details: dict[str, Any] = field(default_factory=dict)  # its own figures: iterations, stop reason, threshold...
     training_steps: int = 0  # SGD steps the searcher gave `model` after pruning (equal training counts them)
     training_batch_size: int | None = None
+    sizes: OwnSizes | None = None  # `model` at other sizes, when the searcher can make them (else it can only shrink)
 
 
 @runtime_checkable
@@ -118,11 +130,11 @@ class BaseSearcher:
         policy = found["policy"]
         channels = found.get("channels") or context.constraint.channels(policy)
         details = {key: value for key, value in found.items()
-                   if key not in ("policy", "channels", "model", "accuracy", "cost_ratio")
+                   if key not in ("policy", "channels", "model", "sizes", "accuracy", "cost_ratio")
                    and (isinstance(value, (str, int, float, bool)) or value is None)}
         return SearcherResult(policy=policy, channels=dict(channels), score=float(found["accuracy"]),
                               cost_ratio=float(found["cost_ratio"]),
                               evaluations=context.evaluator.evaluations if evaluations is None else evaluations,
                               seconds=seconds, model=found.get("model"), details=details,
                               training_steps=int(found.get("training_steps") or 0),
-                              training_batch_size=found.get("training_batch_size"))
+                              training_batch_size=found.get("training_batch_size"), sizes=found.get("sizes"))

@@ -179,3 +179,65 @@ def test_tp_global_refuses_a_budget_out_of_reach(evaluator, tmp_path):
 
     with pytest.raises(AutopruneError, match="cannot meet"):
         run_tp_global(new_run(tmp_path / "tp"), evaluator, parse_budget("1%flops"), lower_bound=0.5, progress=False)
+
+
+def test_tp_global_sizes_are_its_own_pruning_at_other_ratios(evaluator, tmp_path):
+    from autoprune.agents.baselines import run_tp_global
+    from autoprune.costs import count_cost
+    from autoprune.pruning import describe_network
+
+    result = run_tp_global(new_run(tmp_path / "tp"), evaluator, BUDGET, lower_bound=0.2, progress=False)
+    sizes, description = result["sizes"], evaluator.description
+    assert sizes.at(1.0)[1] == result["channels"]
+    previous = None
+    for size in (0.5, 1.0, 1.2, sizes.largest):
+        model, kept = sizes.at(size)
+        # the network is the plan it names (by its cost: a group cut to one channel is no group of it any
+        # more), and a larger size never keeps fewer channels in any group
+        assert count_cost(describe_network(model, description.input_shape)) == count_cost(description, kept)
+        assert all(kept[g.name] >= channels_to_keep(g.channels, 0.2) - 1 for g in description.groups)
+        if previous is not None:
+            assert all(kept[name] >= previous[name] for name in kept)
+        previous = kept
+    assert previous == {g.name: g.channels for g in description.groups}  # the largest prunes nothing
+
+
+def test_the_latency_fit_grows_tp_global_s_network_by_its_own_pruning(evaluator, formula_lut, tmp_path, monkeypatch):
+    from autoprune.agents.baselines import run_tp_global
+    from autoprune.budgets import Constraint
+    from autoprune.costs import count_cost
+    from autoprune.latency import LatencyTable, device_metadata
+    from autoprune.pipeline import finish, fit
+    from autoprune.pruning import describe_network
+
+    description, shape = evaluator.description, evaluator.description.input_shape
+    lut = LatencyTable({**formula_lut.data, "device": device_metadata()}, "formula")  # this machine's table
+    budget = parse_budget("50%latency")
+
+    class ByFlops:
+        """Times a network as its FLOPs to the power 1.3: a pruned network runs faster than the
+        table predicts (at half the unpruned time by the table, under 40 % here), so the fit
+        has to grow it."""
+
+        def __init__(self, *args):
+            self.calls = 0
+
+        def __call__(self, models):
+            self.calls += 1
+            return [(1e-6 * count_cost(describe_network(m, shape)).flops) ** 1.3 for m in models]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fit, "LatencyWorker", ByFlops)
+    found = run_tp_global(new_run(tmp_path / "tp"), evaluator, budget, lut, lower_bound=0.2, progress=False)
+    start = dict(found["channels"])
+    channels, record = finish._fit_latency(new_run(tmp_path / "fit"), evaluator, Constraint(budget, description, lut),
+                                           start, found["model"], found["sizes"])
+    assert record["fitted"] and channels != start and all(channels[k] >= v for k, v in start.items())
+    assert channels == record["steps"][record["chosen"]]["channels"]
+    grown = finish._own_size(found["sizes"], record["steps"][record["chosen"]]["factor"], channels)
+    assert count_cost(describe_network(grown, shape)) == count_cost(description, channels)
+    assert count_cost(describe_network(found["model"], shape)) == count_cost(description, start)  # left as found
+    with pytest.raises(AutopruneError, match="other channels"):
+        finish._own_size(found["sizes"], 1.0, channels)

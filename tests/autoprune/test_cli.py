@@ -169,6 +169,20 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
     fit = metrics["latency_fit"]
     assert fit["fitted"] and 1 <= len(fit["steps"]) <= 5
     assert metrics["channels"] == fit["steps"][fit["chosen"]]["channels"]
+    # Torch-Pruning's network is fitted by its own pruning at other global ratios: the network it fine-tunes
+    # and reports is the plan chosen (the FLOPs reported are counted on the network itself)
+    tp_search = [arg if arg != "uniform" else "tp_global" for arg in search]
+    code, _, err = run(capsys, *tp_search, "--lut", str(lut), "--out", str(tmp_path / "tp"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "tp" / "metrics.json").read_text())
+    fit = metrics["latency_fit"]
+    assert fit["fitted"] and metrics["channels"] == fit["steps"][fit["chosen"]]["channels"]
+    from autoprune.costs import count_cost
+    from autoprune.models import load_model
+    from autoprune.pruning import describe_network
+
+    model, _ = load_model(str(checkpoint))
+    assert metrics["flops"] == count_cost(describe_network(model, (1, 28, 28)), metrics["channels"]).flops
 
 
 def test_equal_training_adds_the_missing_steps_and_compare_checks_it(checkpoint, tmp_path, capsys, monkeypatch):

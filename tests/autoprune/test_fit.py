@@ -71,7 +71,10 @@ def test_the_factor_found_is_the_largest_the_table_allows(description, formula_l
         return formula_lut.predict_ms(description, plan)
 
     target = 0.8 * predict(kept)
-    plan = scaled_channels(description, kept, factor_for(predict, description, kept, target, grow=False), grow=False)
+    def plan_for(factor):
+        return scaled_channels(description, kept, factor, grow=False)
+
+    plan = plan_for(factor_for(predict, plan_for, 1.0, target))
     assert predict(plan) <= target
     # no plan of the family under the target is larger
     family = [scaled_channels(description, kept, i / 500, grow=False) for i in range(1, 501)]
@@ -83,8 +86,9 @@ def test_the_fit_lands_in_the_window_by_measurement(description, formula_lut, tm
     lut = here_lut(formula_lut)
     constraint = Constraint(parse_budget("50%latency"), description, lut)
     full = {g.name: g.channels for g in description.groups}
-    start = scaled_channels(description, full, factor_for(lambda p: lut.predict_ms(description, p), description,
-                                                         full, 0.5 * constraint.base_value))
+    start = scaled_channels(description, full, factor_for(lambda p: lut.predict_ms(description, p),
+                                                         lambda f: scaled_channels(description, full, f), 1.0,
+                                                         0.5 * constraint.base_value))
     timer = Timer(lut, description, slower)
     plan, record = fit_measured_latency(constraint, start, Plan, nn.Identity(), (1, 28, 28), grow=grow,
                                         state_dir=tmp_path, worker=timer)
@@ -125,3 +129,26 @@ def test_when_nothing_fits_the_fastest_network_is_kept(description, formula_lut,
                                         worker=Timer(lut, description, 1.0))
     assert not record["met"]
     assert record["steps"][record["chosen"]]["measured_ms"] == min(s["measured_ms"] for s in record["steps"])
+
+
+def test_a_family_of_the_searcher_s_own_grows_a_network_that_runs_too_fast(description, formula_lut, tmp_path):
+    # a family unlike scaled_channels: the first half of the groups moves, the rest stays put
+    lut = here_lut(formula_lut)
+    constraint = Constraint(parse_budget("50%latency"), description, lut)
+    moving = {g.name for g in description.groups[: len(description.groups) // 2]}
+
+    def plan_for(size):
+        return {g.name: max(1, min(g.channels, round(g.channels * (0.5 * size if g.name in moving else 0.4))))
+                for g in description.groups}
+
+    start = plan_for(1.0)
+    timer = Timer(lut, description, 0.8)
+    plan, record = fit_measured_latency(constraint, start, Plan, nn.Identity(), (1, 28, 28), grow=False,
+                                        sizes=(plan_for, 2.0), state_dir=tmp_path, worker=timer)
+    assert record["fitted"] and len(record["steps"]) > 1
+    # every network timed is one of the family's, and the one chosen grew from the start (`grow` is the family's)
+    assert all(plan_for(step["factor"]) == step["channels"] for step in record["steps"])
+    assert plan == record["steps"][record["chosen"]]["channels"]
+    assert any(plan[name] > start[name] for name in moving)
+    chosen = record["steps"][record["chosen"]]
+    assert chosen["measured_ms"] <= chosen["limit_ms"]
