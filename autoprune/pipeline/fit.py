@@ -115,12 +115,17 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
         log.info("latency fit skipped: %s", reason)
         return kept, {"fitted": False, "reason": reason}
     path = None if state_dir is None else state_dir / FIT_FILE
+    # how the plans were made: a saved fit is read back only for the same start and the same way
+    # (a file without it predates the searchers' own families and was made by scaling)
+    how = "own sizes" if sizes is not None else "scaled" if grow else "scaled, shrink only"
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("start") == kept:
+            saved_how = saved.get("how", how if sizes is None else "scaled")
+            if saved.get("start") == kept and saved_how == how:
                 return {name: int(v) for name, v in saved["channels"].items()}, saved["record"]
-            log.warning("%s was written for another starting network; fitting again", path)
+            other = "another starting network" if saved.get("start") != kept else f"plans made {saved_how}"
+            log.warning("%s was written for %s; fitting again", path, other)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             log.warning("%s is unreadable; fitting again", path)
 
@@ -177,5 +182,5 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
                     100 * last["limit_ms"] / last["measured_base_ms"], len(steps))
     result = {name: int(v) for name, v in steps[chosen]["channels"].items()}
     if path is not None:
-        atomic_write_json(path, {"start": kept, "channels": result, "record": record})
+        atomic_write_json(path, {"start": kept, "how": how, "channels": result, "record": record})
     return result, record

@@ -152,3 +152,33 @@ def test_a_family_of_the_searcher_s_own_grows_a_network_that_runs_too_fast(descr
     assert any(plan[name] > start[name] for name in moving)
     chosen = record["steps"][record["chosen"]]
     assert chosen["measured_ms"] <= chosen["limit_ms"]
+
+
+def test_a_saved_fit_is_read_back_only_for_plans_made_the_same_way(description, formula_lut, tmp_path):
+    lut = here_lut(formula_lut)
+    constraint = Constraint(parse_budget("50%latency"), description, lut)
+
+    def plan_for(size):
+        return {g.name: max(1, min(g.channels, round(g.channels * 0.45 * size))) for g in description.groups}
+
+    start = plan_for(1.0)
+    args = (constraint, start, Plan, nn.Identity(), (1, 28, 28))
+    # a fit by scaling that could only shrink, saved as an older version wrote it (no "how")
+    scaled, _ = fit_measured_latency(*args, grow=False, state_dir=tmp_path, worker=Timer(lut, description, 0.8))
+    saved = json.loads((tmp_path / FIT_FILE).read_text())
+    assert saved["how"] == "scaled, shrink only"
+    del saved["how"]
+    (tmp_path / FIT_FILE).write_text(json.dumps(saved))
+    # read back for a scaled fit, as before
+    again, _ = fit_measured_latency(*args, grow=False, state_dir=tmp_path,
+                                    worker=lambda models: pytest.fail("timed again"))
+    assert again == scaled
+    # not for the searcher's own family: that fit is made again, and may grow the network
+    timer = Timer(lut, description, 0.8)
+    own, record = fit_measured_latency(*args, grow=False, sizes=(plan_for, 2.0), state_dir=tmp_path, worker=timer)
+    assert timer.calls == len(record["steps"]) > 1 and any(own[k] > start[k] for k in start)
+    assert json.loads((tmp_path / FIT_FILE).read_text())["how"] == "own sizes"
+    # and a fit that may grow is not read back where only shrinking is allowed
+    timer = Timer(lut, description, 0.8)
+    fit_measured_latency(*args, grow=False, state_dir=tmp_path, worker=timer)
+    assert timer.calls >= 1
