@@ -178,7 +178,7 @@ def test_a_saved_fit_is_read_back_only_for_plans_made_the_same_way(description, 
     own, record = fit_measured_latency(*args, grow=False, sizes=(plan_for, 2.0), state_dir=tmp_path, worker=timer)
     assert timer.calls == len(record["steps"]) > 1 and any(own[k] > start[k] for k in start)
     assert json.loads((tmp_path / FIT_FILE).read_text())["how"] == "own sizes"
-    # and a fit that may grow is not read back where only shrinking is allowed
+    # nor is the family's fit read back for a fit by scaling
     timer = Timer(lut, description, 0.8)
     fit_measured_latency(*args, grow=False, state_dir=tmp_path, worker=timer)
     assert timer.calls >= 1
