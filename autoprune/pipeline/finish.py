@@ -211,7 +211,9 @@ def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: in
             model = evaluator.prune({name: plan[name] / full[name] for name in full})
         else:
             pruner = ChannelPruner(model, data.input_shape)
-            model = pruner.prune({g.name: plan[g.name] / current[g.name] for g in pruner.description.groups})
+            # a grouped layer keeps whole channel groups, so a cut may already be below the next plan
+            model = pruner.prune({g.name: min(plan[g.name], current[g.name]) / current[g.name]
+                                  for g in pruner.description.groups})
             model = model.to(config.device)
             recalibrate_bn(model, data, num_batches=config.bn_batches, batch_size=config.bn_batch_size,
                            seed=config.seed)
