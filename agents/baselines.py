@@ -85,8 +85,8 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
                   seed: int = 0, progress: bool = True, tolerance: float = 1e-3) -> dict:
     """Torch-Pruning's global magnitude pruning at the smallest global ratio that meets `budget`.
 
-    No group loses more than 1 - `lower_bound` of its channels (Torch-Pruning's
-    `max_pruning_ratio`), as no other agent may. Returns Torch-Pruning's network as
+    No group keeps fewer channels than the other agents keep at `lower_bound` (see
+    `global_magnitude_prune`), and a larger ratio never keeps more. Returns Torch-Pruning's network as
     "model" (its channels, not the criterion's), with its BN-recalibrated accuracy, and
     as "sizes" the same pruning at other global ratios: size s prunes 1 - s(1 - r) of the
     channels where r is the ratio found (so a latency fit grows or shrinks the network by
@@ -101,10 +101,10 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
     history: list[dict] = []
 
     def attempt(ratio: float):
-        model, kept = global_magnitude_prune(base_model, description, ratio, max_pruning_ratio=1.0 - lower_bound)
-        check = check_budget(budget, description, {g.name: kept[g.name] / g.channels for g in description.groups},
-                             lut, multiple)
-        history.append({"candidate": len(history) + 1, "global_ratio": ratio, **_cost_ratios(evaluator, kept, lut),
+        model, kept, ranked = global_magnitude_prune(base_model, description, ratio, lower_bound=lower_bound)
+        check = check_budget(budget, ranked, {g.name: kept[g.name] / g.channels for g in ranked.groups}, lut,
+                             multiple)
+        history.append({"candidate": len(history) + 1, "global_ratio": ratio, **cost_ratios(ranked, kept, lut),
                         "cost_ratio": check.ratio, "seconds": round(time.perf_counter() - started, 3)})
         return model, kept, check
 
@@ -137,7 +137,7 @@ def run_tp_global(run: Run, evaluator: PolicyEvaluator, budget: Budget, lut=None
 
     def at(size: float):
         ratio = min(1.0 - lower_bound, max(0.0, 1.0 - size * (1.0 - found)))
-        return global_magnitude_prune(base_model, description, ratio, max_pruning_ratio=1.0 - lower_bound)
+        return global_magnitude_prune(base_model, description, ratio, lower_bound=lower_bound)[:2]
 
     return {"policy": policy, "channels": kept, "accuracy": accuracy, "cost_ratio": check.ratio,
             "global_ratio": high, "model": model, "sizes": OwnSizes(at, 1.0 / (1.0 - found) if found < 1.0 else 1.0)}

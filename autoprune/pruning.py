@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autoprune.costs import (GroupSpec, LayerSpec, Link, NetworkDescription, check_policy, count_cost,
+from autoprune.costs import (GroupSpec, LayerSpec, Link, NetworkDescription, check_policy, count_cost, group_keep,
                              policy_channels, policy_cost, uniform_policy)
 from autoprune.criteria import collect_evidence, get_criterion, needs_of
 from autoprune.errors import AutopruneError
@@ -608,34 +608,97 @@ def parse_policy(text: str, description: NetworkDescription) -> dict[str, float]
     return check_policy(description, data)
 
 
+class _FlooredImportance:
+    """Torch-Pruning's importance of a group, with the group's best channels out of reach.
+
+    For a Torch-Pruning group rooted where a description group is, the `floors[name]`
+    channels that rank first by the wrapped importance (as `rank_channels` ranks them:
+    whole classes of a grouped layer, the best of each concatenated branch first) score
+    +inf, so that no global threshold reaches them.
+    """
+
+    def __init__(self, base, description: NetworkDescription, roots: Mapping[nn.Module, str],
+                 floors: Mapping[str, int]):
+        self.base, self.description, self.roots, self.floors = base, description, roots, floors
+        self.matched: set[str] = set()
+
+    def __call__(self, group) -> torch.Tensor | None:
+        imp = self.base(group)
+        name = self.roots.get(group[0].dep.target.module)
+        if imp is None or name is None:
+            return imp
+        spec = self.description.group(name)
+        if imp.numel() != spec.channels:
+            return imp
+        ranked = rank_channels(imp, spec.classes, _segments(self.description, name))
+        imp = imp.clone()
+        imp[list(ranked[:self.floors[name]])] = float("inf")
+        self.matched.add(name)
+        return imp
+
+
 def global_magnitude_prune(model: nn.Module, description: NetworkDescription, pruning_ratio: float, *,
-                           max_pruning_ratio: float = 0.8, p: int = 2) -> tuple[nn.Module, dict[str, int]]:
+                           lower_bound: float = 0.2, p: int = 2
+                           ) -> tuple[nn.Module, dict[str, int], NetworkDescription]:
     """Torch-Pruning's own global magnitude pruning of a copy of `model`.
 
     Its `MetaPruner` with `global_pruning=True` ranks every group's channels by the
-    mean-normalised group magnitude (Lp norm) on one scale and removes the lowest
-    `pruning_ratio` of all channels, no group losing more than `max_pruning_ratio`. Only
-    the groups of `description` are pruned (the classifier and the layers autoprune keeps
-    whole are ignored). Returns the pruned network and the channels each group kept.
+    mean-normalised group magnitude (Lp norm) on one scale and chooses the lowest
+    `pruning_ratio` of all channels; those channels are removed as every other agent's
+    are (`remove_channels`). Only the groups of `description` are pruned (the classifier
+    and the layers autoprune keeps whole are ignored). Returns the pruned network, the
+    channels each group kept and `description` ranked the way Torch-Pruning chose (the
+    kept channels first), whose costs are those of the network: which channels go
+    matters where a group spans concatenated branches of different cost.
+
+    No group keeps fewer channels than the other agents keep at `lower_bound`: its best
+    channels by the same importance are never ranked for removal. (Torch-Pruning's own
+    `max_pruning_ratio` does not do this in one step: it stops a group from being pruned
+    again in later iterative steps, so a group may lose any share of its channels, and
+    a group whose every channel falls under the threshold is left whole, which made a
+    larger ratio keep more channels.) The ratio is capped where only those channels
+    would be left, so more pruning never keeps more. A group Torch-Pruning roots at
+    another layer than `description` does is kept whole, and the log says so.
     """
-    model = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model).eval()
     example = _example(description.input_shape)
-    modules = dict(model.named_modules())
+    modules = dict(work.named_modules())
     producers = {name for g in description.groups for name in g.producers}
     ignored = [m for name, m in modules.items() if isinstance(m, _CONV + _LINEAR) and name not in producers]
-    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=p),
-                                  global_pruning=True, pruning_ratio=pruning_ratio,
-                                  max_pruning_ratio=max_pruning_ratio, ignored_layers=ignored)
-    pruner.step()
-    modules = dict(model.named_modules())
+    floors = {g.name: group_keep(g, lower_bound) for g in description.groups}
+    importance = _FlooredImportance(tp.importance.MagnitudeImportance(p=p), description,
+                                    {modules[g.root or g.name]: g.name for g in description.groups}, floors)
 
-    def width(name: str) -> int:
-        m = modules[name]
-        return m.out_features if isinstance(m, _LINEAR) else m.out_channels
+    def meta_pruner(ratio: float) -> tp.pruner.MetaPruner:
+        return tp.pruner.MetaPruner(work, example, importance=importance, global_pruning=True,
+                                    pruning_ratio=ratio, ignored_layers=ignored)
 
-    kept = {}
+    pruner = meta_pruner(pruning_ratio)
+    # Torch-Pruning ranks positions (a grouped layer's channel groups share one); were every
+    # position left to rank a protected one, the threshold would be +inf and every group refused
+    total = protected = 0
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        imp = importance(group)
+        if imp is not None:
+            positions = imp.view(pruner._get_channel_groups(group), -1).mean(0)
+            total, protected = total + positions.numel(), protected + int(torch.isinf(positions).sum())
+    cap = 1.0 - (protected + 0.5) / total if total else 0.0
+    if pruning_ratio > cap:
+        pruner = meta_pruner(max(cap, 0.0))
+    removed: dict[str, list[int]] = {}
+    for group in pruner.step(interactive=True):
+        name = importance.roots.get(group[0].dep.target.module)
+        if name in importance.matched:
+            removed[name] = sorted(int(getattr(i, "idx", i)) for i in group[0].idxs)
+        else:
+            log.warning("Torch-Pruning's group rooted at %s is not one of autoprune's groups; kept whole",
+                        pruner.DG._module2name.get(group[0].dep.target.module, "an unnamed layer"))
+    pruned = remove_channels(model, description.input_shape,
+                             {g.root or g.name: removed[g.name] for g in description.groups if g.name in removed})
+    kept, orders = {}, {}
     for g in description.groups:
-        root = g.root or g.name
-        layer = next(layer for layer in description.layers if layer.name == root)
-        kept[g.name] = g.channels - (layer.out_channels - width(root))
-    return model, kept
+        gone = set(removed.get(g.name, ()))
+        kept[g.name] = g.channels - len(gone)
+        orders[g.name] = tuple(c for c in range(g.channels) if c not in gone) + tuple(sorted(gone))
+    return pruned, kept, description.with_orders(orders)

@@ -7,9 +7,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autoprune.costs import count_cost, policy_cost, uniform_policy
-from autoprune.pruning import ChannelPruner, describe_network
-from tests.archs import FIXED, random_net
+from autoprune.costs import count_cost, group_choices, group_keep, policy_cost, uniform_policy
+from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
+from autoprune.pipeline.finish import _staged_prune
+from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
+from autoprune.train import TrainConfig
+from tests.archs import FIXED, mixed_net, random_net
 
 SHAPE = (1, 16, 16)
 
@@ -64,3 +67,38 @@ def test_random_architectures_are_costed_exactly(seed):
 def test_more_random_architectures_are_costed_exactly(seed):
     torch.manual_seed(seed)
     check_architecture(random_net(seed), seed, policies=5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_torch_pruning_global_keeps_each_group_s_floor_and_shrinks_as_the_ratio_grows(seed):
+    """Torch-Pruning's global pruning, as the tp_global peer runs it, leaves every group at
+    least what the other agents keep at the lower bound, never keeps more at a larger
+    ratio, and costs what the ranking it returns predicts."""
+    torch.manual_seed(seed)
+    model = random_net(seed).eval()
+    description = ChannelPruner(model, SHAPE).description  # the groups Torch-Pruning prunes consistently
+    floors = {g.name: group_keep(g, 0.2) for g in description.groups}
+    before = {g.name: g.channels for g in description.groups}
+    for ratio in [i / 10 for i in range(1, 10)]:
+        pruned, kept, ranked = global_magnitude_prune(model, description, ratio, lower_bound=0.2)
+        assert {n: k for n, k in kept.items() if k < floors[n]} == {}, ratio
+        assert {n: (before[n], k) for n, k in kept.items() if k > before[n]} == {}, ratio
+        policy = {g.name: kept[g.name] / g.channels for g in description.groups}
+        assert count_cost(describe_network(pruned, SHAPE)) == policy_cost(ranked, policy)
+        assert pruned(torch.randn(2, *SHAPE)).shape == (2, 10)
+        before = kept
+    assert sum(kept.values()) < sum(g.channels for g in description.groups)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_staged_cut_ends_at_the_plan_on_grouped_and_concatenated_layers(synthetic_data, seed):
+    """Cutting in stages works through counts a grouped layer cannot keep (it keeps whole
+    channel groups, so one cut may land below the next stage's share) and ends at the plan."""
+    torch.manual_seed(seed)
+    evaluator = PolicyEvaluator(mixed_net(), synthetic_data, EvaluatorConfig(bn_batches=1, bn_batch_size=32))
+    rng = random.Random(seed)
+    target = {g.name: rng.choice(group_choices(g)) for g in evaluator.description.groups}
+    pruned = _staged_prune(evaluator, target, 12, 0, TrainConfig(epochs=1))
+    modules = dict(pruned.named_modules())
+    assert {g.name: modules[g.root or g.name].out_channels for g in evaluator.description.groups} == target
+    assert pruned.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
