@@ -63,7 +63,9 @@ def signature_key(layer: LayerSpec) -> str:
     post = "+".join(layer.post) or "none"
     if layer.kind == "linear":
         return f"linear|bias={int(layer.bias)}|post={post}"
-    return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
+    # a grouped convolution is timed as one (its group count is kept when it is pruned)
+    groups = f"|g{layer.groups}" if layer.kind == "conv" and layer.groups > 1 else ""
+    return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}{groups}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
 
 
 def model_fingerprint(description: NetworkDescription) -> str:
@@ -904,11 +906,12 @@ def build_lut(model: nn.Module, description: NetworkDescription, backend: Latenc
         # whole-network calibration: the base model plus a few random policies
         table = LatencyTable({**data, "calibration": None}, str(out))
         pruner = ChannelPruner(model, description.input_shape)
-        policies = spread_policies(description, calibration_samples, seed)
+        ranked = pruner.description  # which branch keeps which channels follows the pruner's ranking;
+        # groups Torch-Pruning cannot prune consistently in this model are not in it
+        policies = spread_policies(ranked, calibration_samples, seed)
         networks = [model] + [pruner.prune(p) for p in policies]
         measured = measure_networks(backend, networks, description.input_shape, batch, warmup, runs, rounds, bar)
-        full = {g.name: g.channels for g in description.groups}
-        ranked = pruner.description  # which branch keeps which channels follows the pruner's ranking
+        full = {g.name: g.channels for g in ranked.groups}
         kept = [full] + [policy_channels(ranked, p) for p in policies]
         points = [{"sum_ms": round(table.raw_sum_ms(ranked, k), 6), "measured_ms": round(m, 6)}
                   for k, m in zip(kept, measured)]

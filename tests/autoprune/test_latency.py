@@ -53,6 +53,39 @@ def test_same_signature_layers_share_one_table():
     assert plan[key]["out"] == grid and plan[key]["in"] == grid
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_a_table_entry_times_layers_of_one_kind_only(seed):
+    """A grouped convolution never shares an entry with a plain one of the same kernel and
+    size: every layer of an entry has the representative's group count, and every grid
+    point of the entry makes a unit that runs."""
+    from tests.archs import random_net
+
+    description = describe_network(random_net(seed, 3).eval(), (3, 16, 16))
+    plan = plan_grid(description, channel_step=4)
+    for layer in description.layers:
+        if layer.kind in ("conv", "dwconv", "linear"):
+            assert plan[signature_key(layer)]["layer"].groups == layer.groups, layer.name
+    for entry in plan.values():
+        layer = entry["layer"]
+        for cin in entry["in"]:
+            for cout in entry["out"]:
+                unit = latency.unit_module(layer, cin, cout)
+                unit(torch.zeros(latency.unit_input_shape(layer, cin, cout, 1)))
+
+
+def test_a_table_builds_for_a_model_with_a_group_torch_pruning_cannot_prune(tmp_path):
+    """The calibration networks are pruned only in the groups the pruner keeps."""
+    from autoprune.pruning import ChannelPruner
+    from tests.archs import random_net
+
+    model = random_net(6, 3).eval()
+    description = describe_network(model, (3, 16, 16))
+    assert len(ChannelPruner(model, (3, 16, 16)).description.groups) < len(description.groups)
+    table = build_lut(model, description, TorchBackend(1), tmp_path / "lut.json", channel_step=8, warmup=0, runs=1,
+                      rounds=1, calibration_samples=3, progress=False, pin=False)
+    assert table.predict_ms(description) > 0
+
+
 def test_built_table_is_complete_readable_and_described(tiny_lut):
     _, description, path, table = tiny_lut
     data = json.loads(path.read_text())
