@@ -197,6 +197,13 @@ def minimum_channels(channels: int, lower_bound: float, multiple: int) -> int:
     return min(channels, max(multiple, floor))
 
 
+def count_choices(group: GroupSpec, lower_bound: float, multiple: int) -> list[int]:
+    """The counts a group may keep in a NetAdapt search, from its floor up: those its
+    structure and the channel multiple allow, at `lower_bound` of its channels or more."""
+    return ([c for c in group_choices(group, multiple) if c >= minimum_channels(group.channels, lower_bound, 1)]
+            or [group.channels])
+
+
 def reduction_step(config: NetAdaptConfig, base_value: float, iteration: int) -> float:
     """Resource the schedule asks an iteration (0-based) to remove, before any halving."""
     return config.initial_reduction * base_value * config.reduction_decay ** iteration
@@ -236,10 +243,7 @@ class _Search:
         self.constraint = Constraint(budget, self.description, lut, self.multiple)
         self.groups = self.description.group_names
         self.base_channels = {g.name: g.channels for g in self.description.groups}
-        # the counts each group may keep, from its floor up (its structure and the channel multiple)
-        self.choices = {g.name: [c for c in group_choices(g, self.multiple)
-                                 if c >= minimum_channels(g.channels, config.lower_bound, 1)]
-                        or [g.channels] for g in self.description.groups}
+        self.choices = {g.name: count_choices(g, config.lower_bound, self.multiple) for g in self.description.groups}
         self.floors = {name: choices[0] for name, choices in self.choices.items()}
         self.base_value, self.limit = self.constraint.base_value, self.constraint.limit
 
@@ -595,7 +599,7 @@ class NetAdaptSearcher(BaseSearcher):
     default_criterion = "l2"  # the paper keeps the filters of largest L2 norm
 
     def floor_channels(self, description, settings) -> dict[str, int]:
-        return {g.name: minimum_channels(g.channels, settings.lower_bound, settings.channel_multiple)
+        return {g.name: count_choices(g, settings.lower_bound, settings.channel_multiple)[0]
                 for g in description.groups}
 
     def prepare(self, context) -> dict:

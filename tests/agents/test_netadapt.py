@@ -295,3 +295,20 @@ def test_two_worker_processes_give_the_single_process_result(evaluator, tmp_path
     _, pooled = search(tmp_path, evaluator, name="pooled", config=replace(SMALL, workers=2))
     assert pooled["policy"] == inline["policy"] and pooled["accuracy"] == inline["accuracy"]
     assert same_weights(pooled["model"], inline["model"])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_floor_checked_for_reachability_is_a_count_each_group_can_keep(seed):
+    """Grouped layers keep whole channel groups, concatenated branches a channel each, and
+    some groups cannot be cut at all: the floor NetAdapt's budget is checked at is one of
+    the counts its search may choose, so a latency table is never asked for another."""
+    from autoprune.costs import group_choices
+    from autoprune.pipeline.registry import make_searcher
+    from autoprune.pipeline.settings import SearchSettings
+    from tests.archs import random_net
+
+    description = describe_network(random_net(seed).eval(), (1, 16, 16))
+    settings = SearchSettings.from_dict({"agent": "netadapt", "lower_bound": 0.1})
+    floors = make_searcher("netadapt").floor_channels(description, settings)
+    for g in description.groups:
+        assert floors[g.name] in group_choices(g) and floors[g.name] >= 0.1 * g.channels, g.name
