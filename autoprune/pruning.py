@@ -608,94 +608,64 @@ def parse_policy(text: str, description: NetworkDescription) -> dict[str, float]
     return check_policy(description, data)
 
 
-class _FlooredImportance:
-    """Torch-Pruning's importance of a group, with the group's best channels out of reach.
-
-    For a Torch-Pruning group rooted where a description group is, the `floors[name]`
-    channels that rank first by the wrapped importance (as `rank_channels` ranks them:
-    whole classes of a grouped layer, the best of each concatenated branch first) score
-    +inf, so that no global threshold reaches them.
-    """
-
-    def __init__(self, base, description: NetworkDescription, roots: Mapping[nn.Module, str],
-                 floors: Mapping[str, int]):
-        self.base, self.description, self.roots, self.floors = base, description, roots, floors
-        self.matched: set[str] = set()
-
-    def __call__(self, group) -> torch.Tensor | None:
-        imp = self.base(group)
-        name = self.roots.get(group[0].dep.target.module)
-        if imp is None or name is None:
-            return imp
-        spec = self.description.group(name)
-        if imp.numel() != spec.channels:
-            return imp
-        ranked = rank_channels(imp, spec.classes, _segments(self.description, name))
-        imp = imp.clone()
-        imp[list(ranked[:self.floors[name]])] = float("inf")
-        self.matched.add(name)
-        return imp
-
-
 def global_magnitude_prune(model: nn.Module, description: NetworkDescription, pruning_ratio: float, *,
                            lower_bound: float = 0.2, p: int = 2
                            ) -> tuple[nn.Module, dict[str, int], NetworkDescription]:
-    """Torch-Pruning's own global magnitude pruning of a copy of `model`.
+    """Torch-Pruning's global magnitude pruning of a copy of `model`.
 
-    Its `MetaPruner` with `global_pruning=True` ranks every group's channels by the
-    mean-normalised group magnitude (Lp norm) on one scale and chooses the lowest
-    `pruning_ratio` of all channels; those channels are removed as every other agent's
-    are (`remove_channels`). Only the groups of `description` are pruned (the classifier
-    and the layers autoprune keeps whole are ignored). Returns the pruned network, the
-    channels each group kept and `description` ranked the way Torch-Pruning chose (the
-    kept channels first), whose costs are those of the network: which channels go
-    matters where a group spans concatenated branches of different cost.
+    Every group of `description` is scored by Torch-Pruning's `MagnitudeImportance(p)` on
+    its dependency group (the Lp norm of each channel over every coupled layer, divided
+    by the group's mean), and the lowest `pruning_ratio` of all scored units goes under
+    one threshold, as `MetaPruner(global_pruning=True)` ranks them. A unit is a channel,
+    or a class of channels that must go together (a grouped convolution's or a
+    GroupNorm's, see `GroupSpec.classes`), scored by its channels' mean. The thresholding
+    is done here rather than by `MetaPruner.step`, because Torch-Pruning's own one-step
+    global pruning has three faults: its `max_pruning_ratio` only stops a group from
+    being pruned again in later iterative steps (a group may lose any share), a group
+    whose every channel falls under the threshold is refused and left whole (so a larger
+    ratio could keep more channels), and it pairs channels across concatenated branches
+    that each have their own GroupNorm (the network no longer runs).
 
     No group keeps fewer channels than the other agents keep at `lower_bound`: its best
-    channels by the same importance are never ranked for removal. (Torch-Pruning's own
-    `max_pruning_ratio` does not do this in one step: it stops a group from being pruned
-    again in later iterative steps, so a group may lose any share of its channels, and
-    a group whose every channel falls under the threshold is left whole, which made a
-    larger ratio keep more channels.) The ratio is capped where only those channels
-    would be left, so more pruning never keeps more. A group Torch-Pruning roots at
-    another layer than `description` does is kept whole, and the log says so.
+    units up to that count (the best of each concatenated branch first, as
+    `rank_channels` orders them) are never ranked for removal, and more pruning never
+    keeps more. The chosen channels are removed as every agent's are
+    (`remove_channels`). Returns the pruned network, the channels each group kept and
+    `description` ranked the way the channels were chosen (kept first), whose costs are
+    the network's: which channels go matters where a group spans branches of different
+    cost.
     """
     work = copy.deepcopy(model).eval()
-    example = _example(description.input_shape)
+    graph = _build_graph(work, _example(description.input_shape))
     modules = dict(work.named_modules())
-    producers = {name for g in description.groups for name in g.producers}
-    ignored = [m for name, m in modules.items() if isinstance(m, _CONV + _LINEAR) and name not in producers]
-    floors = {g.name: group_keep(g, lower_bound) for g in description.groups}
-    importance = _FlooredImportance(tp.importance.MagnitudeImportance(p=p), description,
-                                    {modules[g.root or g.name]: g.name for g in description.groups}, floors)
-
-    def meta_pruner(ratio: float) -> tp.pruner.MetaPruner:
-        return tp.pruner.MetaPruner(work, example, importance=importance, global_pruning=True,
-                                    pruning_ratio=ratio, ignored_layers=ignored)
-
-    pruner = meta_pruner(pruning_ratio)
-    # Torch-Pruning ranks positions (a grouped layer's channel groups share one); were every
-    # position left to rank a protected one, the threshold would be +inf and every group refused
-    total = protected = 0
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        imp = importance(group)
-        if imp is not None:
-            positions = imp.view(pruner._get_channel_groups(group), -1).mean(0)
-            total, protected = total + positions.numel(), protected + int(torch.isinf(positions).sum())
-    cap = 1.0 - (protected + 0.5) / total if total else 0.0
-    if pruning_ratio > cap:
-        pruner = meta_pruner(max(cap, 0.0))
+    importance = tp.importance.MagnitudeImportance(p=p)
+    units: list[tuple[float, str, tuple[int, ...]]] = []  # (score, group, its channels)
+    protected = 0
+    for g in description.groups:
+        root = modules[g.root or g.name]
+        dependency = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
+                                             list(range(g.channels)))
+        scores = importance(dependency)
+        if scores is None or scores.numel() != g.channels:
+            log.warning("Torch-Pruning scores no channels of group %s; kept whole", g.name)
+            continue
+        scores = scores.detach().double().cpu()
+        kept_best = set(rank_channels(scores, g.classes, _segments(description, g.name))[:group_keep(g, lower_bound)])
+        for members in g.classes or tuple((c,) for c in range(g.channels)):
+            if kept_best & set(members):
+                protected += 1
+            else:
+                units.append((float(scores[list(members)].mean()), g.name, tuple(members)))
+    total = len(units) + protected
+    pruned_units = min(total - int(total * (1.0 - pruning_ratio)), len(units)) if total else 0
     removed: dict[str, list[int]] = {}
-    for group in pruner.step(interactive=True):
-        name = importance.roots.get(group[0].dep.target.module)
-        if name in importance.matched:
-            removed[name] = sorted(int(getattr(i, "idx", i)) for i in group[0].idxs)
-        else:
-            log.warning("Torch-Pruning's group rooted at %s is not one of autoprune's groups; kept whole",
-                        pruner.DG._module2name.get(group[0].dep.target.module, "an unnamed layer"))
+    if pruned_units > 0:
+        threshold = sorted(score for score, _, _ in units)[pruned_units - 1]
+        for score, name, members in units:
+            if score <= threshold:
+                removed.setdefault(name, []).extend(members)
     pruned = remove_channels(model, description.input_shape,
-                             {g.root or g.name: removed[g.name] for g in description.groups if g.name in removed})
+                             {g.root or g.name: sorted(removed[g.name]) for g in description.groups if g.name in removed})
     kept, orders = {}, {}
     for g in description.groups:
         gone = set(removed.get(g.name, ()))

@@ -108,8 +108,11 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
                        batch_size=evaluator.config.bn_batch_size, seed=evaluator.config.seed)
     counted = count_cost(describe_network(copy.deepcopy(pruned).cpu(), shape))
     if counted != cost:
-        log.warning("the pruned network counts %d FLOPs and %d params, the policy's accounting %d and %d; "
-                    "reporting the counted figures", counted.flops, counted.params, cost.flops, cost.params)
+        # a searcher's own network may have chosen other channels of a group than the criterion
+        # ranks first, which costs differently where the group spans branches of different cost
+        (log.info if model is not None else log.warning)(
+            "the pruned network counts %d FLOPs and %d params, the policy's accounting %d and %d; reporting the "
+            "counted figures", counted.flops, counted.params, cost.flops, cost.params)
         cost = counted
     val_before = evaluate(pruned, data, "val")["accuracy"]
     test_before = _accuracy(pruned, data, "test")

@@ -105,6 +105,7 @@ def test_prune_rounds_a_grouped_group_and_says_so(tmp_path, capsys):
 @pytest.mark.parametrize("agent,extra", [
     ("ddpg", ["--episodes", "4", "--warmup-episodes", "2"]),
     ("uniform", []),
+    ("tp_global", []),
     ("netadapt", ["--initial-reduction", "0.15", "--max-iterations", "6", "--short-term-steps", "1",
                   "--workers", "1"]),
 ])
