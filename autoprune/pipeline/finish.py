@@ -16,7 +16,7 @@ import time
 import torch.nn as nn
 
 from autoprune.budgets import Constraint
-from autoprune.costs import count_cost
+from autoprune.costs import count_cost, group_keep
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import check_onnx, export_onnx, save_pruned_model, save_trainable
@@ -203,10 +203,13 @@ def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: in
     `steps` SGD steps after every cut but the last; each cut after the first drops the
     weakest channels (L1) of the network as trained so far. BatchNorm is recalibrated
     after every cut."""
-    from autoprune.pruning import ChannelPruner, describe_network
+    from autoprune.pruning import ChannelPruner, _segments, cut_group
 
-    config, data = evaluator.config, evaluator.data
-    full = {g.name: g.channels for g in evaluator.description.groups}
+    config, data, base = evaluator.config, evaluator.data, evaluator.description
+    full = {g.name: g.channels for g in base.groups}
+    # which channels a group spanning concatenated branches keeps decides what it costs:
+    # such a group keeps the base model's ranking at every cut, so it ends at the plan's cost
+    branching = {g.name: g for g in base.groups if _segments(base, g.name)}
     model, current = None, dict(full)
     for stage in range(1, stages + 1):
         plan = {name: round(full[name] - (full[name] - target[name]) * stage / stages) for name in full}
@@ -215,12 +218,18 @@ def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: in
         else:
             pruner = ChannelPruner(model, data.input_shape)
             # a grouped layer keeps whole channel groups, so a cut may already be below the next plan
-            model = pruner.prune({g.name: min(plan[g.name], current[g.name]) / current[g.name]
-                                  for g in pruner.description.groups})
+            model = pruner.prune({g.name: 1.0 if g.name in branching else min(plan[g.name], current[g.name])
+                                  / current[g.name] for g in pruner.description.groups})
+            for name, group in branching.items():
+                count = group_keep(group, min(plan[name], current[name]) / group.channels)
+                if count < current[name]:
+                    model = cut_group(model, data.input_shape, group, current[name], count)
             model = model.to(config.device)
             recalibrate_bn(model, data, num_batches=config.bn_batches, batch_size=config.bn_batch_size,
                            seed=config.seed)
-        current = {g.name: g.channels for g in describe_network(copy.deepcopy(model).cpu(), data.input_shape).groups}
+        modules = dict(model.named_modules())
+        current = {g.name: getattr(modules[g.root or g.name], "out_channels", None)
+                   or modules[g.root or g.name].out_features for g in base.groups}
         if stage < stages and steps > 0:
             train(model, data, TrainConfig(epochs=1, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr,
                                            seed=finetune.seed + 100 + stage, max_steps_per_epoch=steps,

@@ -93,12 +93,16 @@ def test_torch_pruning_global_keeps_each_group_s_floor_and_shrinks_as_the_ratio_
 @pytest.mark.parametrize("seed", range(4))
 def test_a_staged_cut_ends_at_the_plan_on_grouped_and_concatenated_layers(synthetic_data, seed):
     """Cutting in stages works through counts a grouped layer cannot keep (it keeps whole
-    channel groups, so one cut may land below the next stage's share) and ends at the plan."""
+    channel groups, so one cut may land below the next stage's share) and ends at the
+    plan's channels and cost."""
     torch.manual_seed(seed)
     evaluator = PolicyEvaluator(mixed_net(), synthetic_data, EvaluatorConfig(bn_batches=1, bn_batch_size=32))
+    steps = 2  # trained between cuts, so that later cuts rank channels differently from the first
     rng = random.Random(seed)
     target = {g.name: rng.choice(group_choices(g)) for g in evaluator.description.groups}
-    pruned = _staged_prune(evaluator, target, 12, 0, TrainConfig(epochs=1))
+    pruned = _staged_prune(evaluator, target, 4, steps, TrainConfig(epochs=1, lr=0.05))
     modules = dict(pruned.named_modules())
     assert {g.name: modules[g.root or g.name].out_channels for g in evaluator.description.groups} == target
     assert pruned.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # a concatenated group keeps as many channels of each branch as the plan: the same cost
+    assert count_cost(describe_network(pruned, (1, 28, 28))) == count_cost(evaluator.description, target)
