@@ -227,14 +227,20 @@ def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: in
             model = model.to(config.device)
             recalibrate_bn(model, data, num_batches=config.bn_batches, batch_size=config.bn_batch_size,
                            seed=config.seed)
-        modules = dict(model.named_modules())
-        current = {g.name: getattr(modules[g.root or g.name], "out_channels", None)
-                   or modules[g.root or g.name].out_features for g in base.groups}
+        current = _widths(model, base)
         if stage < stages and steps > 0:
             train(model, data, TrainConfig(epochs=1, batch_size=EXTRA_BATCH_SIZE, lr=finetune.lr,
                                            seed=finetune.seed + 100 + stage, max_steps_per_epoch=steps,
                                            amp=finetune.amp), progress=False)
     return model
+
+
+def _widths(model: nn.Module, description) -> dict[str, int]:
+    """Channels each group of `description` has in `model` (a pruned copy of its network),
+    read from the group's root layer."""
+    modules = dict(model.named_modules())
+    return {g.name: getattr(modules[g.root or g.name], "out_channels", None) or modules[g.root or g.name].out_features
+            for g in description.groups}
 
 
 def _shrink(model: nn.Module, shape: tuple[int, int, int], kept: dict[str, int], target: dict[str, int]) -> nn.Module:
@@ -262,7 +268,6 @@ def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, c
     or made by the searcher at other sizes (either may grow back), else the search's own
     (which can only shrink)."""
     from autoprune.pipeline.fit import fit_measured_latency
-    from autoprune.pruning import describe_network
 
     description, shape = constraint.description, evaluator.data.input_shape
     family = None
@@ -271,8 +276,8 @@ def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, c
             return evaluator.pruner.prune({g.name: plan[g.name] / g.channels for g in description.groups}).cpu()
     else:
         own = copy.deepcopy(model).cpu().eval()
-        own_groups = {g.name: g.channels for g in describe_network(own, shape).groups}
-        if own_groups != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
+        # read from the layers: a group cut to its minimum may no longer be described as one
+        if _widths(own, description) != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
             return channels, {"fitted": False, "reason": "the search's own network does not match its channel plan"}
         if sizes is None:
             def build(plan: dict[str, int]) -> nn.Module:

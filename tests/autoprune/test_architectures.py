@@ -106,3 +106,17 @@ def test_a_staged_cut_ends_at_the_plan_on_grouped_and_concatenated_layers(synthe
     assert pruned.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     # a concatenated group keeps as many channels of each branch as the plan: the same cost
     assert count_cost(describe_network(pruned, (1, 28, 28))) == count_cost(evaluator.description, target)
+
+
+def test_a_network_cut_to_its_floor_is_read_from_its_layers():
+    """A group cut to the fewest channels it may keep is no longer a prunable group of the
+    pruned network; the finish (latency fit, staged cuts) reads its channels from the
+    group's root layer instead, so a searcher's own network still matches its plan."""
+    from autoprune.pipeline.finish import _widths
+
+    torch.manual_seed(0)
+    pruner = ChannelPruner(FIXED["groupnorm"]().eval(), SHAPE)
+    plan = {g.name: group_choices(g)[0] for g in pruner.description.groups}
+    pruned = pruner.prune({g.name: plan[g.name] / g.channels for g in pruner.description.groups})
+    assert len(describe_network(pruned, SHAPE).groups) < len(plan)
+    assert _widths(pruned, pruner.description) == plan
