@@ -277,7 +277,11 @@ def _fit_latency(run: Run, evaluator: PolicyEvaluator, constraint: Constraint, c
     else:
         own = copy.deepcopy(model).cpu().eval()
         # read from the layers: a group cut to its minimum may no longer be described as one
-        if _widths(own, description) != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
+        try:
+            widths = _widths(own, description)
+        except (KeyError, AttributeError):  # not the base network's layers
+            widths = None
+        if widths != {g.name: channels.get(g.name, g.channels) for g in description.groups}:
             return channels, {"fitted": False, "reason": "the search's own network does not match its channel plan"}
         if sizes is None:
             def build(plan: dict[str, int]) -> nn.Module:
