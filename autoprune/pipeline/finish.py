@@ -238,9 +238,10 @@ def _staged_prune(evaluator: PolicyEvaluator, target: dict[str, int], stages: in
 def _widths(model: nn.Module, description) -> dict[str, int]:
     """Channels each group of `description` has in `model` (a pruned copy of its network),
     read from the group's root layer."""
+    from autoprune.pruning import _side_width
+
     modules = dict(model.named_modules())
-    return {g.name: getattr(modules[g.root or g.name], "out_channels", None) or modules[g.root or g.name].out_features
-            for g in description.groups}
+    return {g.name: _side_width(modules[g.root or g.name], True) for g in description.groups}
 
 
 def _shrink(model: nn.Module, shape: tuple[int, int, int], kept: dict[str, int], target: dict[str, int]) -> nn.Module:

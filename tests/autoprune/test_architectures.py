@@ -9,7 +9,7 @@ import torch_pruning as tp
 
 from autoprune.costs import count_cost, group_choices, group_keep, policy_cost, uniform_policy
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
-from autoprune.pipeline.finish import _staged_prune
+from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
 from tests.archs import FIXED, mixed_net, random_net
@@ -101,8 +101,7 @@ def test_a_staged_cut_ends_at_the_plan_on_grouped_and_concatenated_layers(synthe
     rng = random.Random(seed)
     target = {g.name: rng.choice(group_choices(g)) for g in evaluator.description.groups}
     pruned = _staged_prune(evaluator, target, 4, steps, TrainConfig(epochs=1, lr=0.05))
-    modules = dict(pruned.named_modules())
-    assert {g.name: modules[g.root or g.name].out_channels for g in evaluator.description.groups} == target
+    assert _widths(pruned, evaluator.description) == target
     assert pruned.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     # a concatenated group keeps as many channels of each branch as the plan: the same cost
     assert count_cost(describe_network(pruned, (1, 28, 28))) == count_cost(evaluator.description, target)
@@ -112,8 +111,6 @@ def test_a_network_cut_to_its_floor_is_read_from_its_layers():
     """A group cut to the fewest channels it may keep is no longer a prunable group of the
     pruned network; the finish (latency fit, staged cuts) reads its channels from the
     group's root layer instead, so a searcher's own network still matches its plan."""
-    from autoprune.pipeline.finish import _widths
-
     torch.manual_seed(0)
     pruner = ChannelPruner(FIXED["groupnorm"]().eval(), SHAPE)
     plan = {g.name: group_choices(g)[0] for g in pruner.description.groups}
