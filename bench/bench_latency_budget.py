@@ -140,23 +140,25 @@ def claim(out: Path, agent: str, seed: int) -> bool:
     claims = out / "claims"
     claims.mkdir(parents=True, exist_ok=True)
     path = claims / f"{agent}-s{seed}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    # the claim appears with its PID already in it (written aside, then linked into place,
+    # which fails when the name exists), so a claim is never seen half-written
+    aside = claims / f".{agent}-s{seed}.{os.getpid()}"
+    aside.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
             try:
-                holder = int(path.read_text() or 0)
-                if holder <= 0:  # a claim cut before its PID was written
-                    raise ValueError(holder)
-                os.kill(holder, 0)
-                return holder == os.getpid()
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                path.unlink(missing_ok=True)  # its process has ended: take it over
-                continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return True
-    return False
+                os.link(aside, path)
+                return True
+            except FileExistsError:
+                try:
+                    holder = int(path.read_text())
+                    os.kill(holder, 0)
+                    return holder == os.getpid()
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # its process has ended: take it over
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def work(args, passthrough: list[str]) -> None:

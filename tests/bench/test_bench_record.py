@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,16 @@ def test_the_bench_refuses_another_cpu():
         bench.check_device(Table())
     Table.data = {"device": {"cpu": cpu_model(), "cpu_id": cpu_id()}}
     bench.check_device(Table())  # this machine's table: nothing to refuse
+
+
+def test_a_job_is_claimed_once_and_a_dead_workers_claim_is_taken_over(tmp_path):
+    bench = load_bench()
+    assert bench.claim(tmp_path, "ddpg", 0)
+    assert bench.claim(tmp_path, "ddpg", 0)  # this process holds it already
+    claims = tmp_path / "claims"
+    assert sorted(p.name for p in claims.iterdir()) == ["ddpg-s0"]  # nothing left aside
+    assert (claims / "ddpg-s0").read_text() == str(os.getpid())
+    (claims / "uniform-s0").write_text("1")  # held by a live process (init)
+    assert not bench.claim(tmp_path, "uniform", 0)
+    (claims / "random-s0").write_text("999999999")  # its process has ended
+    assert bench.claim(tmp_path, "random", 0)
