@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from autoprune.errors import AutopruneError
 
-LAYER_KINDS = ("conv", "dwconv", "linear", "bn", "norm", "other")
+LAYER_KINDS = ("conv", "dwconv", "linear", "bn", "norm", "param", "other")
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,14 @@ class LayerSpec:
     """One layer of the network, as far as cost is concerned."""
 
     name: str  # module name in the model
-    kind: str  # one of LAYER_KINDS; "dwconv" has groups == in == out channels; "norm": GroupNorm, LayerNorm, ...
+    kind: str  # one of LAYER_KINDS; "dwconv" has groups == in == out channels; "norm": GroupNorm, LayerNorm, ...;
+    # "param": a per-channel parameter used outside any layer (a layer scale), named by the parameter
     in_channels: int  # of the unpruned model
     out_channels: int
     kernel: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     groups: int = 1
-    in_size: tuple[int, int] = (1, 1)  # input height, width
+    in_size: tuple[int, int] = (1, 1)  # input height, width (linear: the positions it runs at, (1, 1) for a vector)
     out_size: tuple[int, int] = (1, 1)  # output height, width
     bias: bool = False  # conv/linear: a bias; bn/norm: a shift next to the scale
     out_links: tuple[Link, ...] = ()  # groups carrying its output channels
@@ -295,9 +296,13 @@ def layer_cost(layer: LayerSpec, cin: int, cout: int) -> Cost:
         return Cost(flops=(weights + bias) * positions, params=weights + bias)
     if layer.kind == "linear":
         bias = cout if layer.bias else 0
-        return Cost(flops=cin * cout + bias, params=cin * cout + bias)
+        positions = layer.out_size[0] * layer.out_size[1]  # 1, or where it runs on every position of a map
+        # the bias counted once, as Torch-Pruning's counter does, so that the two figures compare
+        return Cost(flops=cin * cout * positions + bias, params=cin * cout + bias)
     if layer.kind in ("bn", "norm"):
         return Cost(flops=0, params=(1 + int(layer.bias)) * cout)
+    if layer.kind == "param":
+        return Cost(flops=0, params=cout)
     return Cost(flops=0, params=layer.fixed_params)
 
 

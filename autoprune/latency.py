@@ -62,7 +62,8 @@ def signature_key(layer: LayerSpec) -> str:
     h, w = layer.in_size
     post = "+".join(layer.post) or "none"
     if layer.kind == "linear":
-        return f"linear|bias={int(layer.bias)}|post={post}"
+        at = "" if layer.in_size == (1, 1) else f"|in{h}x{w}"  # run at every position of a map
+        return f"linear{at}|bias={int(layer.bias)}|post={post}"
     # a grouped convolution is timed as one (its group count is kept when it is pruned)
     groups = f"|g{layer.groups}" if layer.kind == "conv" and layer.groups > 1 else ""
     return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}{groups}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
@@ -149,7 +150,7 @@ def shape_key(shape: tuple[int, ...]) -> str:
 
 def unit_input_shape(layer: LayerSpec, cin: int, cout: int, batch: int) -> tuple[int, ...]:
     if layer.kind == "linear":
-        return (batch, cin)
+        return (batch, cin) if layer.in_size == (1, 1) else (batch, *layer.in_size, cin)
     channels = cout if layer.kind == "dwconv" else cin
     return (batch, channels, *layer.in_size)
 

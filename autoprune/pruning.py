@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -63,6 +64,11 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         calls[name] = calls.get(name, 0) + 1
         order.setdefault(name, len(order))
         x = inputs[0] if inputs else None
+        if isinstance(module, _LINEAR) and isinstance(x, torch.Tensor) and x.dim() > 2:
+            # a linear layer applied at every position of a feature map (channels last), or of a sequence
+            middle = tuple(x.shape[1:-1])
+            in_size[name] = out_size[name] = (middle[0], math.prod(middle[1:])) if len(middle) > 1 else (middle[0], 1)
+            return
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             in_size[name] = (x.shape[2], x.shape[3])
         if isinstance(output, torch.Tensor):
@@ -152,8 +158,9 @@ def _prunable_member(name: str, m: nn.Module) -> bool:
     if isinstance(m, _LINEAR + _NORMS + (nn.PReLU,)) or not any(True for _ in m.parameters(recurse=False)):
         return True
     raise AutopruneError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) has parameters in a prunable "
-                         "group, and Torch-Pruning does not know how to prune them; supported are Conv2d, Linear, "
-                         "BatchNorm, GroupNorm, LayerNorm, InstanceNorm and PReLU")
+                         "group, and autoprune can neither count nor prune a layer of this type; supported are "
+                         "Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm, PReLU and per-channel "
+                         "parameters (a layer scale)")
 
 
 def _links(group: str, channels: int, pairs: list[tuple[int, int]], outputs: bool) -> list[Link]:
@@ -179,17 +186,27 @@ def _link_size(link: Link, groups: Mapping[str, GroupSpec]) -> int:
     return link.per * (groups[link.group].channels if link.channels is None else len(link.channels))
 
 
+def _channel_vector(parameter: nn.Parameter) -> bool:
+    """A parameter with one value per channel (shape (C,), (C, 1, 1), (1, C, 1, 1), ...), as a
+    layer scale or a learned per-channel shift: Torch-Pruning shrinks its one long dimension."""
+    return sum(1 for s in parameter.shape if s > 1) == 1
+
+
 def _bare_parameter_message(model: nn.Module, parameter: nn.Parameter) -> str:
     """Name the layer whose parameter a forward uses directly on a prunable group's channels."""
     pname = next((n for n, p in model.named_parameters() if p is parameter), "?")
     owner = pname.rpartition(".")[0]
     layer = dict(model.named_modules()).get(owner, model)
     return (f"layer {owner or '(the model itself)'} ({type(layer).__module__}.{type(layer).__name__}) uses its "
-            f"parameter {pname} directly on the channels of a prunable group, and Torch-Pruning does not know the "
-            "layer; supported are Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm and PReLU")
+            f"parameter {pname} of shape {tuple(parameter.shape)} directly on the channels of a prunable group; "
+            "such a parameter can be pruned when it holds one value per channel (one dimension longer than 1), "
+            "and layers of these types otherwise: Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm "
+            "and PReLU")
 
 
-def _side_width(m: nn.Module, outputs: bool) -> int:
+def _side_width(m: nn.Module | nn.Parameter, outputs: bool) -> int:
+    if isinstance(m, nn.Parameter):
+        return max(m.shape)
     if isinstance(m, _CONV):
         return m.out_channels if outputs else m.in_channels
     if isinstance(m, _LINEAR):
@@ -281,6 +298,9 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     modules = dict(model.named_modules())
     ignored = [modules[trace.classifier]] if trace.classifier else []
     names = {m: n for n, m in model.named_modules()}
+    # per-channel parameters used outside any layer Torch-Pruning knows (a layer scale)
+    vectors = {p: n for n, p in model.named_parameters()}
+    members: dict[str, nn.Module | nn.Parameter] = {**modules, **{n: p for p, n in vectors.items()}}
     order = trace.order
 
     def forward_key(name: str) -> int:
@@ -296,14 +316,17 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         for item in group.items:
             module = item.dep.target.module
             if isinstance(module, nn.Parameter):
-                raise AutopruneError(_bare_parameter_message(model, module))
-            if module not in names:
+                if not _channel_vector(module) or module not in vectors:
+                    raise AutopruneError(_bare_parameter_message(model, module))
+                name, outputs = vectors[module], True  # shrinks with the channels, like a norm's scale
+            elif module not in names:
                 continue  # Torch-Pruning's own nodes for adds, reshapes and concatenations
-            name = names[module]
-            whole = whole or not _prunable_member(name, module)
-            outputs = graph.is_out_channel_pruning_fn(item.dep.handler)
-            if not outputs and not graph.is_in_channel_pruning_fn(item.dep.handler):
-                continue
+            else:
+                name = names[module]
+                whole = whole or not _prunable_member(name, module)
+                outputs = graph.is_out_channel_pruning_fn(item.dep.handler)
+                if not outputs and not graph.is_in_channel_pruning_fn(item.dep.handler):
+                    continue
             if item.root_idxs is None or any(r is None for r in item.root_idxs):
                 raise AutopruneError(f"layer {name}: Torch-Pruning lost track of which channels it removes there")
             pairs = set(zip(item.idxs, item.root_idxs))
@@ -312,17 +335,17 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
             if isinstance(module, _NORMS + (nn.PReLU,)) and not _has_channel_params(module):
                 continue
             sides.setdefault((name, outputs), set()).update(pairs)
-        producers = sorted({n for (n, out) in sides if out and isinstance(modules[n], _CONV + _LINEAR)},
+        producers = sorted({n for (n, out) in sides if out and isinstance(members[n], _CONV + _LINEAR)},
                            key=forward_key)
         if not producers:
             continue
-        classes = _tied_classes(channels, tied, modules)
+        classes = _tied_classes(channels, tied, members)
         multiple = 1 if classes is None else len(classes[0]) if classes else channels
         # kept whole: a layer Torch-Pruning cannot shrink, or a structure that allows keeping only all
         whole = whole or multiple >= channels
         raw.append((producers, sides, channels, classes if multiple > 1 else None, names[root], whole))
     raw.sort(key=lambda r: forward_key(r[0][0]))
-    raw = _consistent(raw, modules)
+    raw = _consistent(raw, members)
 
     groups: dict[str, GroupSpec] = {}
     out_links: dict[str, list[Link]] = {}
@@ -331,7 +354,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         # named by its first producer; a layer whose outputs several groups share names the
         # first of them, the others take their next producer
         gname = next((p for p in producers if p not in groups), f"{producers[0]}/{len(groups)}")
-        consumers = sorted({n for (n, out) in sides if not out and isinstance(modules[n], _CONV + _LINEAR)},
+        consumers = sorted({n for (n, out) in sides if not out and isinstance(members[n], _CONV + _LINEAR)},
                            key=forward_key)
         segments = set()
         for (name, outputs), pairs in sides.items():
@@ -343,7 +366,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         multiple = len(classes[0]) if classes else 1
         # a grouped conv cut to one output per group would pass for a depthwise one with
         # Torch-Pruning, which then prunes a network derived from it wrongly: keep two
-        grouped = any(outputs and _channel_groups(modules[name]) > 1 and isinstance(modules[name], _CONV)
+        grouped = any(outputs and _channel_groups(members[name]) > 1 and isinstance(members[name], _CONV)
                       for name, outputs in sides)
         min_keep = max(max(1, len(segments)) * multiple, 2 * multiple if grouped else 1)
         groups[gname] = GroupSpec(name=gname, channels=channels, producers=tuple(producers),
@@ -380,9 +403,17 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     layers = []
     for name in sorted(modules, key=forward_key):
         m = modules[name]
-        if list(m.children()):
+        own = dict(m.named_parameters(recurse=False))
+        if list(m.children()) and not own:
             continue
-        params = sum(p.numel() for p in m.parameters(recurse=False))
+        # a per-channel parameter that pruning shrinks is a layer of its own
+        full = {pname: f"{name}.{pname}" if name else pname for pname in own}
+        for pname, parameter in own.items():
+            if full[pname] in out_links:
+                outs, out_fixed = fixed(full[pname], parameter.numel(), out_links)
+                layers.append(LayerSpec(name=full[pname], kind="param", in_channels=parameter.numel(),
+                                        out_channels=parameter.numel(), out_links=outs, out_fixed=out_fixed))
+        params = sum(p.numel() for pname, p in own.items() if full[pname] not in out_links)
         if isinstance(m, _CONV):
             if name not in order:
                 raise AutopruneError(f"layer {name} is not used in forward(); remove it before pruning")
@@ -399,6 +430,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
             ins, in_fixed = fixed(name, m.in_features, in_links)
             layers.append(LayerSpec(
                 name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
+                in_size=trace.in_size.get(name, (1, 1)), out_size=trace.out_size.get(name, (1, 1)),
                 bias=m.bias is not None, out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed,
                 post=post_ops(name) if name in order else ()))
         elif _has_channel_params(m) and params == (1 + int(getattr(m, "bias", None) is not None)) * _norm_width(m):

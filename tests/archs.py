@@ -3,7 +3,8 @@
 The cost model must be exact on any architecture Torch-Pruning can prune, not only on
 the zoo: these blocks are the shapes users bring (concatenated branches, grouped and
 depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
-other than BatchNorm, assorted activations). `random_net(seed)` draws a network from
+other than BatchNorm, assorted activations, ConvNeXt's channels-last blocks with layer
+scale). `random_net(seed)` draws a network from
 them for the property tests.
 """
 
@@ -101,6 +102,38 @@ class SeparableDown(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7×7, then channels last for a LayerNorm and two linear
+    layers run at every position, scaled per channel by a bare parameter (layer scale)."""
+
+    def __init__(self, channels: int, act: str = "gelu"):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.expand = nn.Linear(channels, 4 * channels)
+        self.act = ACTIVATIONS[act]()
+        self.project = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.1))
+
+    def forward(self, x):
+        y = self.norm(self.depthwise(x).permute(0, 2, 3, 1))
+        y = self.project(self.act(self.expand(y))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ScaledResidual(nn.Module):
+    """A residual branch scaled per channel by a (1, C, 1, 1) parameter before the add."""
+
+    def __init__(self, channels: int, norm_kind: str, act: str):
+        super().__init__()
+        self.body = nn.Sequential(conv_unit(channels, channels, 3, norm_kind=norm_kind, act=act),
+                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False))
+        self.scale = nn.Parameter(torch.full((1, channels, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.body(x) * self.scale
+
+
 class Net(nn.Module):
     """stem → blocks → head; `head` is "pool" (global pooling, one linear), "mlp" (pooling, a
     hidden linear with LayerNorm and dropout) or "flatten" (flatten into two linears)."""
@@ -158,8 +191,16 @@ def separable_first_net(in_channels: int = 1) -> Net:
     return Net(stem, blocks, 24, "flatten", 2, act="relu6")
 
 
+def convnext_net(in_channels: int = 1) -> Net:
+    """A patchify stem, ConvNeXt blocks (layer scale, linear layers on channels-last maps), a
+    residual branch with its own per-channel scale."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, 16, 4, stride=4), nn.GroupNorm(1, 16))
+    blocks = [ConvNeXtBlock(16), ConvNeXtBlock(16), ScaledResidual(16, "bn", "gelu")]
+    return Net(stem, blocks, 16, "mlp", 1, act="gelu")
+
+
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
-         "multiplier": multiplier_net, "separable_first": separable_first_net}
+         "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:
@@ -172,9 +213,13 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
     blocks: list[nn.Module] = []
     downs = 0
     for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(["residual", "concat", "grouped", "separable"])
+        kind = rng.choice(["residual", "concat", "grouped", "separable", "convnext", "scaled"])
         if kind == "residual":
             blocks.append(ResidualBlock(width, norm_kind, act))
+        elif kind == "convnext":
+            blocks.append(ConvNeXtBlock(width, act))
+        elif kind == "scaled":
+            blocks.append(ScaledResidual(width, norm_kind, act))
         elif kind == "concat":
             blocks.append(ConcatBlock(width, rng.randint(2, width - 2), norm_kind, act, se=rng.random() < 0.5))
         elif kind == "grouped":
@@ -220,17 +265,18 @@ def flat_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
 
 
-class Gain(nn.Module):
-    """A per-channel gain that Torch-Pruning does not know as a layer."""
+class PositionBias(nn.Module):
+    """A learned bias per channel and position: a bare parameter with more than one value per
+    channel, which pruning cannot follow."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, size: int = 28):
         super().__init__()
-        self.gain = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, size, size))
 
     def forward(self, x):
-        return x * self.gain
+        return x + self.bias
 
 
 def unknown_layer_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Gain(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), PositionBias(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))

@@ -429,3 +429,18 @@ def test_lut_values_are_checked_on_load(tiny_lut, tmp_path, change, message):
     path.write_text(json.dumps(data))
     with pytest.raises(AutopruneError, match=message):
         load_lut(path)
+
+
+def test_a_linear_layer_on_a_channels_last_map_is_timed_at_every_position():
+    """ConvNeXt's linear layers run on (N, H, W, C) maps: the table times them on such a map,
+    under their own entry, not as one vector through a classifier-like layer."""
+    from tests.archs import FIXED
+
+    description = describe_network(FIXED["convnext"]().eval(), (1, 28, 28))
+    layers = {layer.name: layer for layer in description.layers}
+    expand, head = layers["blocks.0.expand"], layers["head.2"]
+    assert expand.in_size == (7, 7) and head.in_size == (1, 1)
+    assert signature_key(expand) == "linear|in7x7|bias=1|post=none"
+    assert signature_key(head) == "linear|bias=1|post=none"
+    assert latency.unit_input_shape(expand, 16, 64, 1) == (1, 7, 7, 16)
+    assert latency.unit_module(expand, 16, 64)(torch.zeros(1, 7, 7, 16)).shape == (1, 7, 7, 64)
