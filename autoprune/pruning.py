@@ -56,7 +56,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     order: dict[str, int] = {}
     in_size: dict[str, tuple[int, int]] = {}
     out_size: dict[str, tuple[int, int]] = {}
-    outputs: dict[int, str] = {}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors held, so that no id is reused
     calls: dict[str, int] = {}
 
     def hook(module, inputs, output):
@@ -64,6 +64,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         calls[name] = calls.get(name, 0) + 1
         order.setdefault(name, len(order))
         x = inputs[0] if inputs else None
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = (name, output)
         if isinstance(module, _LINEAR) and isinstance(x, torch.Tensor) and x.dim() > 2:
             # a linear layer applied at every position of a feature map (channels last), or of a sequence
             middle = tuple(x.shape[1:-1])
@@ -71,10 +73,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
             return
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             in_size[name] = (x.shape[2], x.shape[3])
-        if isinstance(output, torch.Tensor):
-            if output.dim() == 4:
-                out_size[name] = (output.shape[2], output.shape[3])
-            outputs[id(output)] = name
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            out_size[name] = (output.shape[2], output.shape[3])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     was_training = model.training
@@ -94,7 +94,10 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         raise AutopruneError(f"layer(s) {', '.join(reused)} run more than once per forward pass; "
                              "weight sharing is not supported")
     check_output(result, example.shape[0])
-    classifier = outputs.get(id(result))
+    producer, tensor = outputs.get(id(result), (None, None))
+    # the layer whose output the model returns as it is; else (the model ends in functional
+    # operations: a pooling, a flatten) the last convolution or linear layer that ran
+    classifier = producer if tensor is result else None
     if classifier is None:
         modules = dict(model.named_modules())
         heads = [n for n in order if isinstance(modules[n], _CONV + _LINEAR)]

@@ -191,6 +191,41 @@ def separable_first_net(in_channels: int = 1) -> Net:
     return Net(stem, blocks, 24, "flatten", 2, act="relu6")
 
 
+class Fire(nn.Module):
+    """SqueezeNet's module: a 1×1 squeeze, then 1×1 and 3×3 expansions concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1(x)), torch.relu(self.expand3(x))], 1)
+
+
+class FireNet(nn.Module):
+    """SqueezeNet's shape: functional activations and pooling, a 1×1 convolution as the
+    classifier, and a forward that ends in functional operations (pooling, flatten)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, stride=2)
+        self.fire1 = Fire(16, 4, 8)
+        self.fire2 = Fire(16, 6, 12)
+        self.classifier = nn.Conv2d(24, num_classes, 1)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.stem(x)), 2, ceil_mode=True)
+        x = self.fire2(self.fire1(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.classifier(x)), 1), 1)
+
+
+def fire_net(in_channels: int = 1) -> FireNet:
+    return FireNet(in_channels)
+
+
 def convnext_net(in_channels: int = 1) -> Net:
     """A patchify stem, ConvNeXt blocks (layer scale, linear layers on channels-last maps), a
     residual branch with its own per-channel scale."""
@@ -200,7 +235,8 @@ def convnext_net(in_channels: int = 1) -> Net:
 
 
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
-         "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net}
+         "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
+         "fire": fire_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:

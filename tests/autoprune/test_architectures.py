@@ -12,7 +12,7 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import FIXED, mixed_net, random_net
+from tests.archs import FIXED, fire_net, mixed_net, random_net
 
 SHAPE = (1, 16, 16)
 
@@ -117,3 +117,17 @@ def test_a_network_cut_to_its_floor_is_read_from_its_layers():
     pruned = pruner.prune({g.name: plan[g.name] / g.channels for g in pruner.description.groups})
     assert len(describe_network(pruned, SHAPE).groups) < len(plan)
     assert _widths(pruned, pruner.description) == plan
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (1, 28, 28), (3, 28, 28), (3, 32, 32)])
+def test_the_classifier_is_found_when_the_forward_ends_in_functional_operations(shape):
+    """SqueezeNet's shape: the output is no layer's own output, so the classifier is the last
+    convolution that ran; a tensor freed during the forward (whose id Python may hand to the
+    output) must not pass for it, which would leave the classifier prunable and an expansion
+    layer unpruned."""
+    model = fire_net(shape[0]).eval()
+    description = describe_network(model, shape)
+    assert "classifier" not in description.group_names
+    assert {"fire1.expand1", "fire1.expand3"} <= {p for g in description.groups for p in g.producers}
+    pruned = ChannelPruner(model, shape).prune(uniform_policy(describe_network(model, shape), 0.5))
+    assert pruned.eval()(torch.zeros(2, *shape)).shape == (2, 10)
