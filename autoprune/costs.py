@@ -63,6 +63,7 @@ class LayerSpec:
     in_links: tuple[Link, ...] = ()  # groups carrying its input features (conv, linear)
     in_fixed: int = 0  # input features that no group controls (image channels, ...)
     fixed_params: int = 0  # parameters of an "other" layer that pruning never touches
+    fixed_flops: int = 0  # and its FLOPs (a transposed convolution's; 0 for layers of unknown work)
     post: tuple[str, ...] = ()  # what runs right after it: "bn", then "relu" / "relu6"
 
     @property
@@ -303,7 +304,7 @@ def layer_cost(layer: LayerSpec, cin: int, cout: int) -> Cost:
         return Cost(flops=0, params=(1 + int(layer.bias)) * cout)
     if layer.kind == "param":
         return Cost(flops=0, params=cout)
-    return Cost(flops=0, params=layer.fixed_params)
+    return Cost(flops=layer.fixed_flops, params=layer.fixed_params)
 
 
 def count_cost(description: NetworkDescription, kept: Mapping[str, int] | None = None) -> Cost:

@@ -148,8 +148,7 @@ def _channel_groups(m: nn.Module) -> int:
 
 
 def _prunable_member(name: str, m: nn.Module) -> bool:
-    """Whether Torch-Pruning shrinks this layer of a group correctly (False: keep the group whole);
-    a layer with parameters it does not know is refused."""
+    """Whether this layer of a group can be shrunk, its cost followed (False: keep the group whole)."""
     if isinstance(m, _CONV):
         # groups == out_channels < in_channels: Torch-Pruning takes it for depthwise and
         # would remove one input per output, so the group it sits in stays whole
@@ -160,10 +159,22 @@ def _prunable_member(name: str, m: nn.Module) -> bool:
                              "for a LayerNorm over channels, height and width)")
     if isinstance(m, _LINEAR + _NORMS + (nn.PReLU,)) or not any(True for _ in m.parameters(recurse=False)):
         return True
-    raise AutopruneError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) has parameters in a prunable "
-                         "group, and autoprune can neither count nor prune a layer of this type; supported are "
-                         "Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm, InstanceNorm, PReLU and per-channel "
-                         "parameters (a layer scale)")
+    # another layer type with weights (a transposed convolution, a custom layer): the channels
+    # it reads and writes stay as they are, the rest of the network is pruned
+    log.info("channels around layer %s (%s) are kept whole: autoprune prunes Conv2d, Linear, normalisation "
+             "layers, PReLU and per-channel parameters", name, type(m).__name__)
+    return False
+
+
+def _transposed_flops(m: nn.Module, in_size: tuple[int, int] | None, out_size: tuple[int, int] | None) -> int:
+    """MACs (plus bias adds) of a transposed convolution, whose channels are never pruned: each
+    input position spreads a kernel over every output channel of its group. (Torch-Pruning's
+    counter multiplies by the output positions instead: four times as many at stride 2.)"""
+    if not isinstance(m, nn.ConvTranspose2d) or in_size is None or out_size is None:
+        return 0
+    weights = m.in_channels * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    bias = m.out_channels * out_size[0] * out_size[1] if m.bias is not None else 0
+    return weights * in_size[0] * in_size[1] + bias
 
 
 def _links(group: str, channels: int, pairs: list[tuple[int, int]], outputs: bool) -> list[Link]:
@@ -446,7 +457,9 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
             if name in out_links:
                 raise AutopruneError(f"layer {name} ({type(m).__name__}) has parameters of a shape that pruning "
                                      "cannot follow")
-            layers.append(LayerSpec(name=name, kind="other", in_channels=0, out_channels=0, fixed_params=params))
+            layers.append(LayerSpec(name=name, kind="other", in_channels=0, out_channels=0, fixed_params=params,
+                                    fixed_flops=_transposed_flops(m, trace.in_size.get(name),
+                                                                    trace.out_size.get(name))))
     return NetworkDescription(input_shape=tuple(input_shape), layers=tuple(layers), groups=tuple(groups.values()))
 
 

@@ -226,6 +226,28 @@ def fire_net(in_channels: int = 1) -> FireNet:
     return FireNet(in_channels)
 
 
+class DecoderNet(nn.Module):
+    """An encoder, a transposed convolution back up, the skip concatenated (a U-Net's shape):
+    autoprune does not prune a transposed convolution, so the channels around it stay."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.encode = conv_unit(in_channels, 8, 3)
+        self.down = conv_unit(8, 16, 3, 2)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.decode = conv_unit(16, 12, 3)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        skip = self.encode(x)
+        x = self.decode(torch.cat([skip, self.up(self.down(skip))], 1))
+        return self.head(x.mean((2, 3)))
+
+
+def decoder_net(in_channels: int = 1) -> DecoderNet:
+    return DecoderNet(in_channels)
+
+
 def convnext_net(in_channels: int = 1) -> Net:
     """A patchify stem, ConvNeXt blocks (layer scale, linear layers on channels-last maps), a
     residual branch with its own per-channel scale."""
@@ -236,7 +258,7 @@ def convnext_net(in_channels: int = 1) -> Net:
 
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
-         "fire": fire_net}
+         "fire": fire_net, "decoder": decoder_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:

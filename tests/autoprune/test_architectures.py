@@ -17,11 +17,30 @@ from tests.archs import FIXED, fire_net, mixed_net, random_net
 SHAPE = (1, 16, 16)
 
 
+def transposed_count(model: nn.Module, shape=SHAPE) -> int:
+    """MACs and bias adds of the transposed convolutions, from the shapes they see: every input
+    element meets out_channels / groups · kh · kw weights."""
+    found = []
+
+    def hook(module, inputs, output):
+        per_input = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        found.append(inputs[0][0].numel() * per_input + (output[0].numel() if module.bias is not None else 0))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *shape))
+    for handle in handles:
+        handle.remove()
+    return sum(found)
+
+
 def independent_count(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
-    """Torch-Pruning's counter (conv and linear MACs) and the true parameter sum."""
+    """Torch-Pruning's counter (conv and linear MACs; its count of a transposed convolution, at
+    the output positions, replaced by the count at the input positions) and the true
+    parameter sum."""
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
     flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
-    return int(flops), sum(p.numel() for p in model.parameters())
+    return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 
 def random_policy(description, rng: random.Random) -> dict[str, float]:
@@ -131,3 +150,13 @@ def test_the_classifier_is_found_when_the_forward_ends_in_functional_operations(
     assert {"fire1.expand1", "fire1.expand3"} <= {p for g in description.groups for p in g.producers}
     pruned = ChannelPruner(model, shape).prune(uniform_policy(describe_network(model, shape), 0.5))
     assert pruned.eval()(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_a_transposed_convolution_keeps_its_channels_and_the_rest_is_pruned():
+    """The group feeding a transposed convolution stays whole, the other groups are pruned,
+    and the transposed convolution's own work is counted at its input positions."""
+    model = FIXED["decoder"]().eval()
+    description = describe_network(model, SHAPE)
+    assert description.group_names == ["encode.0", "decode.0"]  # not "down.0", which feeds it
+    up = next(layer for layer in description.layers if layer.name == "up")
+    assert (up.fixed_flops, up.fixed_params) == (16 * 8 * 2 * 2 * 8 * 8 + 8 * 16 * 16, 16 * 8 * 4 + 8)

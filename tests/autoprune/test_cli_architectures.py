@@ -38,12 +38,16 @@ def exported_count(path) -> tuple[int, int]:
     flops = 0
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default,
-                                                             torch.ops.aten.linear.default):
+                                                             torch.ops.aten.linear.default,
+                                                             torch.ops.aten.conv_transpose2d.input):
             continue
         out = node.meta["val"].shape
         weight = weights[names[node.args[1].name]]
         has_bias = len(node.args) > 2 and node.args[2] is not None
-        if node.target == torch.ops.aten.conv2d.default:
+        if node.target == torch.ops.aten.conv_transpose2d.input:  # weight: (in, out / groups, kh, kw)
+            inputs = node.args[0].meta["val"].shape
+            flops += weight[0].numel() * int(inputs[1:].numel()) + int(has_bias) * int(out[1:].numel())
+        elif node.target == torch.ops.aten.conv2d.default:
             flops += (weight[0].numel() + int(has_bias)) * int(out[1:].numel())  # per example
         else:  # at every position it runs at; the bias once, as Torch-Pruning's counter has it
             flops += weight[0].numel() * int(out[1:].numel()) + int(has_bias) * int(out[-1])
