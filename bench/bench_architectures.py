@@ -2,7 +2,8 @@
 
 For the fixed test architectures (tests/archs.py: concatenated branches with squeeze-
 excitation, ResNeXt blocks, GroupNorm, a depthwise convolution with a channel
-multiplier, and a mix of them) and the zoo, it prints predicted and counted FLOPs and
+multiplier, ConvNeXt blocks, SqueezeNet's fire modules, a transposed convolution, and
+a mix of them) and the zoo, it prints predicted and counted FLOPs and
 parameters, unpruned and after `uniform:0.5`. Then it draws `--seeds` random networks
 from the same blocks (the long variant of the property test) and, for each, several
 random policies: the prediction must equal Torch-Pruning's conv+linear counter and the
@@ -36,16 +37,17 @@ from autoprune.latency import this_device  # noqa: E402
 from autoprune.models import build_model  # noqa: E402
 from autoprune.pruning import ChannelPruner, describe_network  # noqa: E402
 from bench_core import write_section  # noqa: E402
-from tests.archs import FIXED, mixed_net, random_net  # noqa: E402
+from tests.archs import FIXED, mixed_net, random_net, transposed_count  # noqa: E402
 
 SHAPE = (1, 28, 28)
 
 
 def counted(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
-    """Torch-Pruning's conv+linear MACs and the parameter sum."""
+    """Torch-Pruning's conv+linear MACs (transposed convolutions counted at their input
+    positions, not at the output ones as its counter does) and the parameter sum."""
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
     flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
-    return int(flops), sum(p.numel() for p in model.parameters())
+    return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 
 class WholeGroups(logging.Handler):
@@ -127,13 +129,14 @@ def main() -> int:
         "",
         f"`python bench/bench_architectures.py --seeds {args.seeds} --policies {args.policies}` on {this_device()}, "
         f"torch {torch.__version__}, {datetime.date.today().isoformat()}. FLOPs are MACs at 1x28x28, batch 1; "
-        "*counted* is Torch-Pruning's conv+linear counter and the parameter sum of the network itself (for "
+        "*counted* is Torch-Pruning's conv+linear counter (a transposed convolution at its input positions) and the parameter sum of the network itself (for "
         "uniform:0.5, of the physically pruned one, l1 criterion).",
         "",
         *table,
         "",
         f"Random networks (tests/archs.py `random_net`, seeds 0-{args.seeds - 1}; two to four blocks of residual, "
-        "concatenating (half with squeeze-excitation), ResNeXt and depthwise-separable kinds, with a random norm "
+        "concatenating (half with squeeze-excitation), ResNeXt, depthwise-separable, ConvNeXt (layer scale, "
+        "channels-last linear layers) and per-channel-scaled residual kinds, with a random norm "
         "among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation and head): "
         f"{exact} of {checked} random policies predicted exactly, {len(failures)} failures, {groups} prunable "
         f"groups in all, {whole.count} kept whole by the pruner's own check; {seconds:.0f} s.",

@@ -338,3 +338,20 @@ class PositionBias(nn.Module):
 def unknown_layer_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), PositionBias(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def transposed_count(model: nn.Module, shape: tuple[int, int, int]) -> int:
+    """MACs and bias adds of the transposed convolutions, from the shapes they see: every input
+    element meets out_channels / groups · kh · kw weights."""
+    found = []
+
+    def hook(module, inputs, output):
+        per_input = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        found.append(inputs[0][0].numel() * per_input + (output[0].numel() if module.bias is not None else 0))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *shape))
+    for handle in handles:
+        handle.remove()
+    return sum(found)

@@ -12,26 +12,9 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import FIXED, fire_net, mixed_net, random_net
+from tests.archs import FIXED, fire_net, mixed_net, random_net, transposed_count
 
 SHAPE = (1, 16, 16)
-
-
-def transposed_count(model: nn.Module, shape=SHAPE) -> int:
-    """MACs and bias adds of the transposed convolutions, from the shapes they see: every input
-    element meets out_channels / groups · kh · kw weights."""
-    found = []
-
-    def hook(module, inputs, output):
-        per_input = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        found.append(inputs[0][0].numel() * per_input + (output[0].numel() if module.bias is not None else 0))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *shape))
-    for handle in handles:
-        handle.remove()
-    return sum(found)
 
 
 def independent_count(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
