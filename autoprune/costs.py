@@ -65,6 +65,7 @@ class LayerSpec:
     fixed_params: int = 0  # parameters of an "other" layer that pruning never touches
     fixed_flops: int = 0  # and its FLOPs (a transposed convolution's; 0 for layers of unknown work)
     post: tuple[str, ...] = ()  # what runs right after it: "bn", then "relu" / "relu6"
+    calls: int = 1  # conv, linear: runs per forward pass (a shared layer: more than one), each at in_size
 
     @property
     def out_group(self) -> str | None:
@@ -294,12 +295,12 @@ def layer_cost(layer: LayerSpec, cin: int, cout: int) -> Cost:
         weights = kh * kw * (cin // groups) * cout
         positions = layer.out_size[0] * layer.out_size[1]
         bias = cout if layer.bias else 0
-        return Cost(flops=(weights + bias) * positions, params=weights + bias)
+        return Cost(flops=(weights + bias) * positions * layer.calls, params=weights + bias)
     if layer.kind == "linear":
         bias = cout if layer.bias else 0
         positions = layer.out_size[0] * layer.out_size[1]  # 1, or where it runs on every position of a map
         # the bias counted once, as Torch-Pruning's counter does, so that the two figures compare
-        return Cost(flops=cin * cout * positions + bias, params=cin * cout + bias)
+        return Cost(flops=(cin * cout * positions + bias) * layer.calls, params=cin * cout + bias)
     if layer.kind in ("bn", "norm"):
         return Cost(flops=0, params=(1 + int(layer.bias)) * cout)
     if layer.kind == "param":

@@ -71,8 +71,8 @@ def signature_key(layer: LayerSpec) -> str:
 
 def model_fingerprint(description: NetworkDescription) -> str:
     """Hash of what makes two networks' latency tables interchangeable (shapes, not names)."""
-    parts = [(signature_key(layer), layer.in_channels, layer.out_channels) for layer in description.layers
-             if layer.kind in TIMED_KINDS]
+    parts = [(signature_key(layer), layer.in_channels, layer.out_channels, *([layer.calls] if layer.calls > 1 else []))
+             for layer in description.layers if layer.kind in TIMED_KINDS]
     return hashlib.sha256(json.dumps([description.input_shape, parts]).encode()).hexdigest()[:16]
 
 
@@ -665,7 +665,7 @@ class LatencyTable:
         for layer in description.layers:
             if layer.kind in TIMED_KINDS:
                 cin, cout = description.layer_channels(layer, kept)
-                total += self.layer_ms(layer, cin, cout)
+                total += self.layer_ms(layer, cin, cout) * layer.calls
         return total
 
     def predict_ms(self, description: NetworkDescription, kept: Mapping[str, int] | None = None) -> float:

@@ -48,6 +48,7 @@ class _Trace:
     in_size: dict[str, tuple[int, int]]
     out_size: dict[str, tuple[int, int]]
     classifier: str | None
+    calls: dict[str, int]  # how often each layer ran (a shared layer: more than once)
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
@@ -58,12 +59,14 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     out_size: dict[str, tuple[int, int]] = {}
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors held, so that no id is reused
     calls: dict[str, int] = {}
+    seen: dict[str, set] = {}  # input shapes of each layer, over its calls
 
     def hook(module, inputs, output):
         name = names[module]
         calls[name] = calls.get(name, 0) + 1
         order.setdefault(name, len(order))
         x = inputs[0] if inputs else None
+        seen.setdefault(name, set()).add(tuple(x.shape) if isinstance(x, torch.Tensor) else None)
         if isinstance(output, torch.Tensor):
             outputs[id(output)] = (name, output)
         if isinstance(module, _LINEAR) and isinstance(x, torch.Tensor) and x.dim() > 2:
@@ -89,10 +92,13 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         for h in handles:
             h.remove()
         model.train(was_training)
-    reused = [n for n, c in calls.items() if c > 1 and any(True for _ in dict(model.named_modules())[n].parameters())]
-    if reused:
-        raise AutopruneError(f"layer(s) {', '.join(reused)} run more than once per forward pass; "
-                             "weight sharing is not supported")
+    # a shared layer (CBAM's channel MLP on two poolings) costs each of its calls; its calls
+    # must see one input shape, or a single entry could not say what it costs
+    uneven = [n for n, c in calls.items() if c > 1 and len(seen[n]) > 1
+              and any(True for _ in dict(model.named_modules())[n].parameters())]
+    if uneven:
+        raise AutopruneError(f"layer(s) {', '.join(uneven)} run more than once per forward pass on inputs of "
+                             "different shapes; a shared layer is supported when every call sees the same shape")
     check_output(result, example.shape[0])
     producer, tensor = outputs.get(id(result), (None, None))
     # the layer whose output the model returns as it is; else (the model ends in functional
@@ -102,7 +108,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         modules = dict(model.named_modules())
         heads = [n for n in order if isinstance(modules[n], _CONV + _LINEAR)]
         classifier = heads[-1] if heads else None
-    return _Trace(order, in_size, out_size, classifier)
+    return _Trace(order, in_size, out_size, classifier, calls)
 
 
 def _build_graph(model: nn.Module, example: torch.Tensor):
@@ -438,7 +444,8 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 name=name, kind=kind, in_channels=m.in_channels, out_channels=m.out_channels,
                 kernel=_pair(m.kernel_size), stride=_pair(m.stride), groups=m.groups,
                 in_size=trace.in_size[name], out_size=trace.out_size[name], bias=m.bias is not None,
-                out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed, post=post_ops(name)))
+                out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed, post=post_ops(name),
+                calls=trace.calls[name]))
         elif isinstance(m, _LINEAR):
             outs, out_fixed = fixed(name, m.out_features, out_links)
             ins, in_fixed = fixed(name, m.in_features, in_links)
@@ -446,7 +453,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 name=name, kind="linear", in_channels=m.in_features, out_channels=m.out_features,
                 in_size=trace.in_size.get(name, (1, 1)), out_size=trace.out_size.get(name, (1, 1)),
                 bias=m.bias is not None, out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed,
-                post=post_ops(name) if name in order else ()))
+                post=post_ops(name) if name in order else (), calls=trace.calls.get(name, 1)))
         elif _has_channel_params(m) and params == (1 + int(getattr(m, "bias", None) is not None)) * _norm_width(m):
             width = _norm_width(m)
             outs, out_fixed = fixed(name, width, out_links)

@@ -226,6 +226,47 @@ def fire_net(in_channels: int = 1) -> FireNet:
     return FireNet(in_channels)
 
 
+class SharedAttention(nn.Module):
+    """CBAM's channel attention: one MLP (two linear layers) run on the average and on the
+    maximum over the positions, each call the same shape."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.reduce = nn.Linear(channels, hidden)
+        self.expand = nn.Linear(hidden, channels)
+
+    def forward(self, x):
+        mlp = lambda v: self.expand(torch.relu(self.reduce(v)))  # noqa: E731
+        weight = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))
+        return x * weight[:, :, None, None]
+
+
+def shared_net(in_channels: int = 1) -> Net:
+    """Residual blocks with shared-MLP channel attention between them."""
+    blocks = [ResidualBlock(16, "bn", "relu"), SharedAttention(16, 6), SeparableDown(16, 24, 1, "bn", "relu"),
+              SharedAttention(24, 8)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
+
+
+class TwoScales(nn.Module):
+    """One convolution run on the map and on its pooled half: two shapes for one layer."""
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        full, half = self.shared(x), self.shared(nn.functional.avg_pool2d(x, 2))
+        return self.head(torch.cat([full.mean((2, 3)), half.mean((2, 3))], 1))
+
+
+def two_scales_net() -> nn.Module:
+    return TwoScales()
+
+
 class DecoderNet(nn.Module):
     """An encoder, a transposed convolution back up, the skip concatenated (a U-Net's shape):
     autoprune does not prune a transposed convolution, so the channels around it stay."""
@@ -258,7 +299,7 @@ def convnext_net(in_channels: int = 1) -> Net:
 
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
-         "fire": fire_net, "decoder": decoder_net}
+         "fire": fire_net, "decoder": decoder_net, "shared": shared_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:

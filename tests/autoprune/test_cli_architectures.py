@@ -148,6 +148,7 @@ def test_lut_build_on_a_concatenating_grouped_model(tmp_path, capsys):
     ("tests.archs:dict_output_net", "returned a dict with keys 'logits'"),
     ("tests.archs:raising_factory", "model factory tests.archs:raising_factory raised ValueError: width must be"),
     ("tests.archs:flat_net", "no prunable layer"),
+    ("tests.archs:two_scales_net", "layer(s) shared run more than once per forward pass on inputs of different"),
     ("tests.archs:unknown_layer_net", "layer 1 (tests.archs.PositionBias) uses its parameter 1.bias of shape (1, 8, 28, 28)"),
 ])
 def test_unprunable_models_get_one_line(model, message, tmp_path, capsys):

@@ -444,3 +444,24 @@ def test_a_linear_layer_on_a_channels_last_map_is_timed_at_every_position():
     assert signature_key(head) == "linear|bias=1|post=none"
     assert latency.unit_input_shape(expand, 16, 64, 1) == (1, 7, 7, 16)
     assert latency.unit_module(expand, 16, 64)(torch.zeros(1, 7, 7, 16)).shape == (1, 7, 7, 64)
+
+
+def test_a_shared_layer_costs_each_of_its_calls(tmp_path):
+    """CBAM's channel MLP runs twice per forward pass: the table's estimate counts both calls,
+    and the table knows a network whose layer runs once from one whose layer runs twice."""
+    from dataclasses import replace
+
+    from tests.archs import FIXED
+
+    model = FIXED["shared"]().eval()
+    description = describe_network(model, (1, 28, 28))
+    shared = [layer for layer in description.layers if layer.calls > 1]
+    assert {layer.name for layer in shared} == {"blocks.1.reduce", "blocks.1.expand", "blocks.3.reduce",
+                                                  "blocks.3.expand"} and {layer.calls for layer in shared} == {2}
+    once = replace(description, layers=tuple(replace(layer, calls=1) for layer in description.layers))
+    assert latency.model_fingerprint(once) != latency.model_fingerprint(description)
+    table = build_lut(model, description, TorchBackend(1), tmp_path / "lut.json", channel_step=8, warmup=0, runs=1,
+                      rounds=1, calibration_samples=3, progress=False, pin=False)
+    kept = {g.name: g.channels for g in description.groups}
+    extra = sum(table.layer_ms(layer, *description.layer_channels(layer, kept)) for layer in shared)
+    assert table.raw_sum_ms(description, kept) == pytest.approx(table.raw_sum_ms(once, kept) + extra)
