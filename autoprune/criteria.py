@@ -175,11 +175,14 @@ def collect_evidence(model: nn.Module, description: NetworkDescription, *, needs
             watch = [layer.name for layer in norms + producers]
 
             def hook_for(name: str):
+                # channels on dim 1, but last for a linear layer or a LayerNorm (on a channels-last map)
+                axis = -1 if isinstance(modules[name], (nn.Linear, nn.LayerNorm)) else 1
+
                 def hook(_module, _inputs, output):
-                    zeros = (output.detach() <= 0).float()
-                    per_channel = zeros.transpose(0, 1).reshape(zeros.shape[1], -1).sum(1)
+                    zeros = (output.detach() <= 0).float().movedim(axis, 0)
+                    per_channel = zeros.reshape(zeros.shape[0], -1).sum(1)
                     zero_counts[name] = zero_counts.get(name, 0) + per_channel
-                    seen[name] = seen.get(name, 0) + zeros.numel() // zeros.shape[1]
+                    seen[name] = seen.get(name, 0) + zeros.numel() // zeros.shape[0]
                 return hook
 
             handles = [modules[name].register_forward_hook(hook_for(name)) for name in watch]

@@ -174,3 +174,22 @@ def test_parse_policy_errors(tmp_path):
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"policy": {"conv1": 0.5}}))
     assert parse_policy(str(wrapped), d)["conv1"] == 0.5
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "apoz", "random"])
+@pytest.mark.parametrize("name", ["convnext", "shared", "decoder"])
+def test_every_criterion_ranks_channels_last_shared_and_transposed_layers(criterion, name):
+    """A LayerNorm and linear layers on channels-last maps (their channels are the last
+    dimension), a layer run twice, a transposed convolution: every criterion ranks every
+    group's channels and the pruned network costs what was predicted."""
+    from tests.archs import FIXED
+
+    torch.manual_seed(0)
+    model = FIXED[name]().eval()
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+    pruner = ChannelPruner(model, (1, 28, 28), criterion=criterion, batches=batches)
+    assert all(len(pruner.scores[g.name]) == g.channels for g in pruner.groups)
+    policy = uniform_policy(pruner.description, 0.5)
+    pruned = pruner.prune(policy)
+    assert count_cost(describe_network(pruned, (1, 28, 28))) == policy_cost(pruner.description, policy)
+    assert pruned(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
