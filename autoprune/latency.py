@@ -421,6 +421,13 @@ def _unit_to_onnx(module: nn.Sequential, input_shape: tuple[int, ...]) -> bytes:
             pads = [part.padding[0], part.padding[1], part.padding[0], part.padding[1]]
             nodes.append(helper.make_node("Conv", inputs, [out], kernel_shape=list(part.kernel_size),
                                           strides=list(part.stride), pads=pads, group=part.groups))
+        elif isinstance(part, nn.Linear) and len(input_shape) > 2:  # at every position of a map: MatMul, Add
+            inits.append(numpy_helper.from_array(part.weight.detach().numpy().T.copy(), f"w{i}"))
+            product = out if part.bias is None else f"p{i}"
+            nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [product]))
+            if part.bias is not None:
+                inits.append(numpy_helper.from_array(part.bias.detach().numpy(), f"b{i}"))
+                nodes.append(helper.make_node("Add", [product, f"b{i}"], [out]))
         elif isinstance(part, nn.Linear):
             nodes.append(helper.make_node("Gemm", weighted_inputs(part, i), [out], transB=1))
         elif isinstance(part, nn.modules.batchnorm._BatchNorm):

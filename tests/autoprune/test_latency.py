@@ -465,3 +465,19 @@ def test_a_shared_layer_costs_each_of_its_calls(tmp_path):
     kept = {g.name: g.channels for g in description.groups}
     extra = sum(table.layer_ms(layer, *description.layer_channels(layer, kept)) for layer in shared)
     assert table.raw_sum_ms(description, kept) == pytest.approx(table.raw_sum_ms(once, kept) + extra)
+
+
+def test_the_onnx_unit_of_a_linear_layer_on_a_channels_last_map_computes_the_layer():
+    """ONNX's Gemm takes only matrices: a linear layer run at every position is timed as the
+    MatMul and Add an exporter makes of it, and computes the same as the torch unit."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from tests.archs import FIXED
+
+    description = describe_network(FIXED["convnext"]().eval(), (1, 28, 28))
+    layer = next(layer for layer in description.layers if layer.name == "blocks.0.expand")
+    unit = latency.unit_module(layer, 16, 64)
+    x = torch.randn(latency.unit_input_shape(layer, 16, 64, 1))
+    session = ort.InferenceSession(latency._unit_to_onnx(unit, tuple(x.shape)), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    assert np.allclose(y, unit(x).detach().numpy(), atol=1e-5)
