@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 _CONV = (nn.Conv2d,)
 _LINEAR = (nn.Linear,)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_NORMS = _BN + (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+_BN = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d, SyncBatchNorm (a network trained across GPUs)
+_NORMS = _BN + (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """Exact costs and working pruning on architectures beyond the zoo (see tests/archs.py)."""
 
+import copy
 import random
 
 import pytest
@@ -143,3 +144,13 @@ def test_a_transposed_convolution_keeps_its_channels_and_the_rest_is_pruned():
     assert description.group_names == ["encode.0", "decode.0"]  # not "down.0", which feeds it
     up = next(layer for layer in description.layers if layer.name == "up")
     assert (up.fixed_flops, up.fixed_params) == (16 * 8 * 2 * 2 * 8 * 8 + 8 * 16 * 16, 16 * 8 * 4 + 8)
+
+
+def test_a_network_with_sync_batchnorm_is_costed_and_pruned():
+    """A network trained across GPUs keeps SyncBatchNorm layers; on one CPU they are BatchNorm."""
+    torch.manual_seed(0)
+    plain = FIXED["concat_se"]().eval()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert describe_network(model, SHAPE) == describe_network(plain, SHAPE)  # the same groups, the same costs
+    check_architecture(model, seed=0)
