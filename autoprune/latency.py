@@ -66,7 +66,9 @@ def signature_key(layer: LayerSpec) -> str:
         return f"linear{at}|bias={int(layer.bias)}|post={post}"
     # a grouped convolution is timed as one (its group count is kept when it is pruned)
     groups = f"|g{layer.groups}" if layer.kind == "conv" and layer.groups > 1 else ""
-    return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}{groups}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
+    pad = _padding(layer)
+    padded = "" if pad == (kh // 2, kw // 2) else f"|p{pad[0]}x{pad[1]}"  # not the usual "same" padding
+    return f"{layer.kind}|k{kh}x{kw}|s{sh}x{sw}{groups}{padded}|in{h}x{w}|bias={int(layer.bias)}|post={post}"
 
 
 def model_fingerprint(description: NetworkDescription) -> str:
@@ -124,6 +126,13 @@ def plan_grid(description: NetworkDescription, channel_step: int = 4) -> dict[st
     return {k: {"layer": v["layer"], "in": sorted(v["in"]), "out": sorted(v["out"])} for k, v in plan.items()}
 
 
+def _padding(layer: LayerSpec) -> tuple[int, int]:
+    """The padding that gives the layer its traced output size (a patchify stem, 4×4 at stride 4,
+    has none; a 3×3 has 1)."""
+    return tuple(max(0, -(-((o - 1) * s + k - i) // 2))  # type: ignore[return-value]
+                 for i, o, s, k in zip(layer.in_size, layer.out_size, layer.stride, layer.kernel))
+
+
 def unit_module(layer: LayerSpec, cin: int, cout: int) -> nn.Module:
     """The layer as it runs inside the network: conv/linear, then its BatchNorm and activation."""
     if layer.kind == "linear":
@@ -131,8 +140,7 @@ def unit_module(layer: LayerSpec, cin: int, cout: int) -> nn.Module:
     else:
         groups = cout if layer.kind == "dwconv" else layer.groups
         cin = cout if layer.kind == "dwconv" else cin
-        pad = (layer.kernel[0] // 2, layer.kernel[1] // 2)
-        core = nn.Conv2d(cin, cout, layer.kernel, layer.stride, pad, groups=groups, bias=layer.bias)
+        core = nn.Conv2d(cin, cout, layer.kernel, layer.stride, _padding(layer), groups=groups, bias=layer.bias)
     parts = [core]
     for op in layer.post:
         if op == "bn":

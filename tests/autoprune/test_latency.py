@@ -57,7 +57,7 @@ def test_same_signature_layers_share_one_table():
 def test_a_table_entry_times_layers_of_one_kind_only(seed):
     """A grouped convolution never shares an entry with a plain one of the same kernel and
     size: every layer of an entry has the representative's group count, and every grid
-    point of the entry makes a unit that runs."""
+    point of the entry makes a unit that runs and gives the layer's own output size."""
     from tests.archs import random_net
 
     description = describe_network(random_net(seed, 3).eval(), (3, 16, 16))
@@ -70,7 +70,21 @@ def test_a_table_entry_times_layers_of_one_kind_only(seed):
         for cin in entry["in"]:
             for cout in entry["out"]:
                 unit = latency.unit_module(layer, cin, cout)
-                unit(torch.zeros(latency.unit_input_shape(layer, cin, cout, 1)))
+                out = unit(torch.zeros(latency.unit_input_shape(layer, cin, cout, 1)))
+                if layer.kind != "linear":
+                    assert tuple(out.shape[2:]) == layer.out_size, layer.name
+
+
+def test_a_patchify_stem_is_timed_at_its_own_output_size():
+    """ConvNeXt's 4×4 stride-4 stem has no padding: its unit gives 7×7 from 28×28 (not the 8×8
+    a "same" padding would), and its entry says so."""
+    from tests.archs import FIXED
+
+    description = describe_network(FIXED["convnext"]().eval(), (1, 28, 28))
+    stem = next(layer for layer in description.layers if layer.name == "stem.0")
+    assert signature_key(stem) == "conv|k4x4|s4x4|p0x0|in28x28|bias=1|post=none"
+    out = latency.unit_module(stem, 1, 16)(torch.zeros(latency.unit_input_shape(stem, 1, 16, 1)))
+    assert tuple(out.shape) == (1, 16, 7, 7)
 
 
 def test_a_table_builds_for_a_model_with_a_group_torch_pruning_cannot_prune(tmp_path):
