@@ -2,8 +2,8 @@
 
 For the fixed test architectures (tests/archs.py: concatenated branches with squeeze-
 excitation, ResNeXt blocks, GroupNorm, a depthwise convolution with a channel
-multiplier, ConvNeXt blocks, SqueezeNet's fire modules, a transposed convolution, and
-a mix of them) and the zoo, it prints predicted and counted FLOPs and
+multiplier, ConvNeXt blocks, SqueezeNet's fire modules, shared-MLP attention, a transposed
+convolution, and a mix of them) and the zoo, it prints predicted and counted FLOPs and
 parameters, unpruned and after `uniform:0.5`. Then it draws `--seeds` random networks
 from the same blocks (the long variant of the property test) and, for each, several
 random policies: the prediction must equal Torch-Pruning's conv+linear counter and the
