@@ -318,7 +318,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
     modules = dict(model.named_modules())
     ignored = [modules[trace.classifier]] if trace.classifier else []
     names = {m: n for n, m in model.named_modules()}
-    # per-channel parameters used outside any layer Torch-Pruning knows (a layer scale)
+    # every parameter by its name: one used outside any layer (a layer scale) is a member of a group
     vectors = {p: n for n, p in model.named_parameters()}
     members: dict[str, nn.Module | nn.Parameter] = {**modules, **{n: p for p, n in vectors.items()}}
     order = trace.order
