@@ -235,9 +235,11 @@ class SharedAttention(nn.Module):
         self.reduce = nn.Linear(channels, hidden)
         self.expand = nn.Linear(hidden, channels)
 
+    def mlp(self, v: torch.Tensor) -> torch.Tensor:
+        return self.expand(torch.relu(self.reduce(v)))
+
     def forward(self, x):
-        mlp = lambda v: self.expand(torch.relu(self.reduce(v)))  # noqa: E731
-        weight = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))
+        weight = torch.sigmoid(self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3))))
         return x * weight[:, :, None, None]
 
 
