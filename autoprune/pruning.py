@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     order: dict[str, int] = {}
     in_size: dict[str, tuple[int, int]] = {}
     out_size: dict[str, tuple[int, int]] = {}
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors held, so that no id is reused
+    outputs: dict[int, tuple[str, weakref.ref]] = {}  # id -> layer, and a weak reference to tell a reused id
     calls: dict[str, int] = {}
     seen: dict[str, set] = {}  # input shapes of each layer, over its calls
 
@@ -68,7 +69,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         x = inputs[0] if inputs else None
         seen.setdefault(name, set()).add(tuple(x.shape) if isinstance(x, torch.Tensor) else None)
         if isinstance(output, torch.Tensor):
-            outputs[id(output)] = (name, output)
+            outputs[id(output)] = (name, weakref.ref(output))
         if isinstance(module, _LINEAR) and isinstance(x, torch.Tensor) and x.dim() > 2:
             # a linear layer applied at every position of a feature map (channels last), or of a sequence
             middle = tuple(x.shape[1:-1])
@@ -100,10 +101,11 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
         raise AutopruneError(f"layer(s) {', '.join(uneven)} run more than once per forward pass on inputs of "
                              "different shapes; a shared layer is supported when every call sees the same shape")
     check_output(result, example.shape[0])
-    producer, tensor = outputs.get(id(result), (None, None))
-    # the layer whose output the model returns as it is; else (the model ends in functional
-    # operations: a pooling, a flatten) the last convolution or linear layer that ran
-    classifier = producer if tensor is result else None
+    producer, ref = outputs.get(id(result), (None, None))
+    # the layer whose output the model returns as it is (not a freed tensor whose id the
+    # output took over); else (the model ends in functional operations: a pooling, a
+    # flatten) the last convolution or linear layer that ran
+    classifier = producer if ref is not None and ref() is result else None
     if classifier is None:
         modules = dict(model.named_modules())
         heads = [n for n in order if isinstance(modules[n], _CONV + _LINEAR)]
