@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from autoprune.errors import AutopruneError
 
-LAYER_KINDS = ("conv", "dwconv", "linear", "bn", "norm", "param", "other")
+LAYER_KINDS = ("conv", "dwconv", "linear", "bn", "norm", "param", "channel_conv", "other")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class LayerSpec:
 
     name: str  # module name in the model
     kind: str  # one of LAYER_KINDS; "dwconv" has groups == in == out channels; "norm": GroupNorm, LayerNorm, ...;
-    # "param": a per-channel parameter used outside any layer (a layer scale), named by the parameter
+    # "param": a per-channel parameter used outside any layer (a layer scale), named by the parameter;
+    # "channel_conv": a one-channel Conv1d sliding along the channels (ECA's attention): its length is a group's
+    # channels, so in_channels/out_channels hold its input and output lengths
     in_channels: int  # of the unpruned model
     out_channels: int
     kernel: tuple[int, int] = (1, 1)
@@ -305,6 +307,10 @@ def layer_cost(layer: LayerSpec, cin: int, cout: int) -> Cost:
         return Cost(flops=0, params=(1 + int(layer.bias)) * cout)
     if layer.kind == "param":
         return Cost(flops=0, params=cout)
+    if layer.kind == "channel_conv":
+        # one weight per tap at every output position (the length follows the pruned channels)
+        per_position = layer.kernel[0] * layer.kernel[1] + int(layer.bias)
+        return Cost(flops=per_position * cout * layer.calls, params=layer.fixed_params)
     return Cost(flops=layer.fixed_flops, params=layer.fixed_params)
 
 

@@ -39,6 +39,12 @@ def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # type: ignore[return-value]
 
 
+def _channel_conv(m: nn.Module) -> bool:
+    """A one-channel, stride-1 Conv1d, as ECA slides along a feature map's pooled channels: its
+    length is a group's channels, which pruning shortens, and its weights stay as they are."""
+    return isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1 and m.stride == (1,)
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -74,6 +80,9 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
             # a linear layer applied at every position of a feature map (channels last), or of a sequence
             middle = tuple(x.shape[1:-1])
             in_size[name] = out_size[name] = (middle[0], math.prod(middle[1:])) if len(middle) > 1 else (middle[0], 1)
+            return
+        if _channel_conv(module) and isinstance(x, torch.Tensor) and x.dim() == 3:
+            in_size[name], out_size[name] = (1, x.shape[-1]), (1, output.shape[-1])
             return
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             in_size[name] = (x.shape[2], x.shape[3])
@@ -113,10 +122,31 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Trace:
     return _Trace(order, in_size, out_size, classifier, calls)
 
 
-def _build_graph(model: nn.Module, example: torch.Tensor):
+def _build_graph(model: nn.Module, example: torch.Tensor, channel_convs: dict | None = None):
+    """Torch-Pruning's dependency graph of `model`.
+
+    Channel convolutions (`_channel_conv`) are left out of its tracing, so that it passes
+    channels through them as through an element-wise operation (it would otherwise take the
+    channels they slide along for their one channel); `channel_convs`, when given, receives
+    the autograd node of each of their outputs, which names them in the graph.
+    """
     # the classifier is excluded when groups are listed (describe_network), not while
     # tracing: ignoring it here breaks Torch-Pruning's index mapping through the flatten
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    convs = [m for m in model.modules() if _channel_conv(m)]
+    handles = []
+    if channel_convs is not None:
+        names = {m: n for n, m in model.named_modules()}
+
+        def hook(module, inputs, output):
+            channel_convs[output.grad_fn] = names[module]
+
+        handles = [m.register_forward_hook(hook) for m in convs]
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                     ignored_layers=convs)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _example(input_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -275,11 +305,12 @@ def _tied_classes(channels: int, tied: Mapping[tuple[str, bool], set[tuple[int, 
     return classes if len(classes[0]) > 1 else None
 
 
-def _consistent(raw: list, modules: Mapping[str, nn.Module]) -> list:
+def _consistent(raw: list, modules: Mapping[str, nn.Module], lengths: Mapping[str, int]) -> list:
     """The groups that can be pruned: drop those marked whole, those whose claims on a layer
     cannot all hold (more channels than it has, a channel claimed twice: Torch-Pruning
     could not remove them consistently), and those sharing a grouped layer whose other
-    channels stay whole in a count its groups do not divide."""
+    channels stay whole in a count its groups do not divide. A channel convolution's
+    width is its input length (`lengths`)."""
     raw = [r for r in raw if not r[-1]]
     while True:
         claimed: dict[tuple[str, bool], list[int]] = {}
@@ -289,7 +320,7 @@ def _consistent(raw: list, modules: Mapping[str, nn.Module]) -> list:
         bad = set()
         for (name, outputs), owners in claimed.items():
             rows = [row for i in owners for row, _ in raw[i][1][(name, outputs)]]
-            width = _side_width(modules[name], outputs)
+            width = lengths[name] if name in lengths else _side_width(modules[name], outputs)
             if len(set(rows)) != len(rows) or any(not 0 <= r < width for r in rows):
                 bad.update(owners)
                 log.info("channels of %s are kept whole: Torch-Pruning's dependency groups for it do not add up",
@@ -316,7 +347,8 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                              "directory (the trainable network), or replay its best_policy.json on the base model")
     example = _example(input_shape)
     trace = _trace(model, example)
-    graph = _build_graph(model, example)
+    channel_convs: dict = {}  # autograd node -> name of the channel convolution it came from
+    graph = _build_graph(model, example, channel_convs)
     modules = dict(model.named_modules())
     ignored = [modules[trace.classifier]] if trace.classifier else []
     names = {m: n for n, m in model.named_modules()}
@@ -342,7 +374,10 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                     raise AutopruneError(_bare_parameter_message(model, module))
                 name, outputs = vectors[module], True  # shrinks with the channels, like a norm's scale
             elif module not in names:
-                continue  # Torch-Pruning's own nodes for adds, reshapes and concatenations
+                name = channel_convs.get(getattr(item.dep.target, "grad_fn", None))
+                if name is None:
+                    continue  # Torch-Pruning's own nodes for adds, reshapes and concatenations
+                outputs = True  # a channel convolution: the group's channels are the positions it runs at
             else:
                 name = names[module]
                 whole = whole or not _prunable_member(name, module)
@@ -367,7 +402,8 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         whole = whole or multiple >= channels
         raw.append((producers, sides, channels, classes if multiple > 1 else None, names[root], whole))
     raw.sort(key=lambda r: forward_key(r[0][0]))
-    raw = _consistent(raw, members)
+    lengths = {name: trace.in_size[name][1] for name in set(channel_convs.values()) if name in trace.in_size}
+    raw = _consistent(raw, members, lengths)
 
     groups: dict[str, GroupSpec] = {}
     out_links: dict[str, list[Link]] = {}
@@ -456,6 +492,14 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
                 in_size=trace.in_size.get(name, (1, 1)), out_size=trace.out_size.get(name, (1, 1)),
                 bias=m.bias is not None, out_links=outs, out_fixed=out_fixed, in_links=ins, in_fixed=in_fixed,
                 post=post_ops(name) if name in order else (), calls=trace.calls.get(name, 1)))
+        elif _channel_conv(m) and name in order:
+            length, length_out = trace.in_size[name][1], trace.out_size[name][1]
+            outs, out_fixed = fixed(name, length, out_links)
+            layers.append(LayerSpec(
+                name=name, kind="channel_conv", in_channels=length, out_channels=length_out,
+                kernel=(1, m.kernel_size[0]), in_size=(1, length), out_size=(1, length_out), bias=m.bias is not None,
+                out_links=outs, out_fixed=out_fixed + length_out - length, fixed_params=params,
+                calls=trace.calls[name]))
         elif _has_channel_params(m) and params == (1 + int(getattr(m, "bias", None) is not None)) * _norm_width(m):
             width = _norm_width(m)
             outs, out_fixed = fixed(name, width, out_links)

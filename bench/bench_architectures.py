@@ -46,7 +46,7 @@ def counted(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
     """Torch-Pruning's conv+linear MACs (transposed convolutions counted at their input
     positions, not at the output ones as its counter does) and the parameter sum."""
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 

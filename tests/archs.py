@@ -4,8 +4,8 @@ The cost model must be exact on any architecture Torch-Pruning can prune, not on
 the zoo: these blocks are the shapes users bring (concatenated branches, grouped and
 depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
 other than BatchNorm, assorted activations, ConvNeXt's channels-last blocks with layer
-scale). `random_net(seed)` draws a network from
-them for the property tests.
+scale, efficient channel attention's Conv1d along the channels). `random_net(seed)` draws
+a network from them for the property tests.
 """
 
 from __future__ import annotations
@@ -49,6 +49,21 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x):
         return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+class ECA(nn.Module):
+    """Efficient channel attention (Wang et al., CVPR 2020): a one-channel Conv1d slides along the
+    pooled channels and gates them."""
+
+    def __init__(self, kernel: int = 3, bias: bool = False):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=bias)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.pool(x).squeeze(-1).transpose(-1, -2)  # (N, 1, C): the channels as a sequence
+        return x * self.gate(self.conv(y).transpose(-1, -2).unsqueeze(-1))
 
 
 class ConcatBlock(nn.Module):
@@ -291,6 +306,13 @@ def decoder_net(in_channels: int = 1) -> DecoderNet:
     return DecoderNet(in_channels)
 
 
+def eca_net(in_channels: int = 1) -> Net:
+    """Residual blocks gated by efficient channel attention, one of them on concatenated branches."""
+    blocks = [nn.Sequential(ResidualBlock(16, "bn", "relu"), ECA(3)), ConcatBlock(16, 6, "bn", "relu", se=False),
+              ECA(5, bias=True), SeparableDown(16, 24, 2, "bn", "relu"), ECA(3)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
+
+
 def convnext_net(in_channels: int = 1) -> Net:
     """A patchify stem, ConvNeXt blocks (layer scale, linear layers on channels-last maps), a
     residual branch with its own per-channel scale."""
@@ -301,7 +323,7 @@ def convnext_net(in_channels: int = 1) -> Net:
 
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
-         "fire": fire_net, "decoder": decoder_net, "shared": shared_net}
+         "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:
@@ -314,9 +336,11 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
     blocks: list[nn.Module] = []
     downs = 0
     for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(["residual", "concat", "grouped", "separable", "convnext", "scaled"])
+        kind = rng.choice(["residual", "concat", "grouped", "separable", "convnext", "scaled", "eca"])
         if kind == "residual":
             blocks.append(ResidualBlock(width, norm_kind, act))
+        elif kind == "eca":
+            blocks.append(nn.Sequential(ResidualBlock(width, norm_kind, act), ECA(rng.choice([3, 5]))))
         elif kind == "convnext":
             blocks.append(ConvNeXtBlock(width, act))
         elif kind == "scaled":

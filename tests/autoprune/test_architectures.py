@@ -23,7 +23,7 @@ def independent_count(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
     the output positions, replaced by the count at the input positions) and the true
     parameter sum."""
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 

@@ -25,7 +25,7 @@ def run(capsys, *argv):
 def counted(model: nn.Module) -> tuple[int, int]:
     """Torch-Pruning's conv+linear count and the parameter sum of a network."""
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     return int(flops), sum(p.numel() for p in model.parameters())
 
 
@@ -38,6 +38,7 @@ def exported_count(path) -> tuple[int, int]:
     flops = 0
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default,
+                                                             torch.ops.aten.conv1d.default,
                                                              torch.ops.aten.linear.default,
                                                              torch.ops.aten.conv_transpose2d.input):
             continue
@@ -47,7 +48,7 @@ def exported_count(path) -> tuple[int, int]:
         if node.target == torch.ops.aten.conv_transpose2d.input:  # weight: (in, out / groups, kh, kw)
             inputs = node.args[0].meta["val"].shape
             flops += weight[0].numel() * int(inputs[1:].numel()) + int(has_bias) * int(out[1:].numel())
-        elif node.target == torch.ops.aten.conv2d.default:
+        elif node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default):
             flops += (weight[0].numel() + int(has_bias)) * int(out[1:].numel())  # per example
         else:  # at every position it runs at; the bias once, as Torch-Pruning's counter has it
             flops += weight[0].numel() * int(out[1:].numel()) + int(has_bias) * int(out[-1])
@@ -62,7 +63,7 @@ def test_info_counts_a_concatenating_grouped_model_exactly(capsys):
 
     model = mixed_net()
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
-    assert info["flops"] == sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    assert info["flops"] == sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     assert info["params"] == sum(p.numel() for p in model.parameters())
 
 

@@ -26,7 +26,7 @@ def test_cost_model_agrees_with_torch_pruning_counter(name, shape):
     model = build_model(name, in_channels=shape[0], input_size=shape[1])
     description = describe_network(model, shape)
     _, tp_params, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
-    tp_conv_linear = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and v)
+    tp_conv_linear = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     cost = count_cost(description)
     assert cost.flops == tp_conv_linear
     assert cost.params == tp_params == sum(p.numel() for p in model.parameters())
