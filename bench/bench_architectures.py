@@ -6,7 +6,7 @@ multiplier, ConvNeXt blocks, SqueezeNet's fire modules, shared-MLP attention, a 
 convolution, and a mix of them) and the zoo, it prints predicted and counted FLOPs and
 parameters, unpruned and after `uniform:0.5`. Then it draws `--seeds` random networks
 from the same blocks (the long variant of the property test) and, for each, several
-random policies: the prediction must equal Torch-Pruning's conv+linear counter and the
+random policies: the prediction must equal Torch-Pruning's conv, Conv1d and linear counter and the
 parameter sum of the physically pruned network, whose output shape must be unchanged.
 It also counts the groups kept whole (those Torch-Pruning cannot prune consistently).
 Results go to BENCHMARKS.md between the `bench_architectures` markers.
@@ -129,14 +129,14 @@ def main() -> int:
         "",
         f"`python bench/bench_architectures.py --seeds {args.seeds} --policies {args.policies}` on {this_device()}, "
         f"torch {torch.__version__}, {datetime.date.today().isoformat()}. FLOPs are MACs at 1x28x28, batch 1; "
-        "*counted* is Torch-Pruning's conv+linear counter (a transposed convolution at its input positions) and the parameter sum of the network itself (for "
+        "*counted* is Torch-Pruning's conv, Conv1d and linear counter (a transposed convolution at its input positions) and the parameter sum of the network itself (for "
         "uniform:0.5, of the physically pruned one, l1 criterion).",
         "",
         *table,
         "",
         f"Random networks (tests/archs.py `random_net`, seeds 0-{args.seeds - 1}; two to four blocks of residual, "
         "concatenating (half with squeeze-excitation), ResNeXt, depthwise-separable, ConvNeXt (layer scale, "
-        "channels-last linear layers) and per-channel-scaled residual kinds, with a random norm "
+        "channels-last linear layers), per-channel-scaled residual and ECA-gated residual kinds, with a random norm "
         "among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation and head): "
         f"{exact} of {checked} random policies predicted exactly, {len(failures)} failures, {groups} prunable "
         f"groups in all, {whole.count} kept whole by the pruner's own check; {seconds:.0f} s.",
