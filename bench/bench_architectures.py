@@ -3,11 +3,12 @@
 For the fixed test architectures (tests/archs.py: concatenated branches with squeeze-
 excitation, ResNeXt blocks, GroupNorm, a depthwise convolution with a channel
 multiplier, ConvNeXt blocks, SqueezeNet's fire modules, shared-MLP attention, a transposed
-convolution, and a mix of them) and the zoo, it prints predicted and counted FLOPs and
-parameters, unpruned and after `uniform:0.5`. Then it draws `--seeds` random networks
-from the same blocks (the long variant of the property test) and, for each, several
-random policies: the prediction must equal Torch-Pruning's conv, Conv1d and linear counter and the
-parameter sum of the physically pruned network, whose output shape must be unchanged.
+convolution, efficient channel attention, and a mix of them) and the zoo, it prints
+predicted and counted FLOPs and parameters, unpruned and after `uniform:0.5`. Then it
+draws `--seeds` random networks from the same blocks (the long variant of the property
+test) and, for each, several random policies: the prediction must equal Torch-Pruning's
+conv, Conv1d and linear counter and the parameter sum of the physically pruned network,
+whose output shape must be unchanged.
 It also counts the groups kept whole (those Torch-Pruning cannot prune consistently).
 Results go to BENCHMARKS.md between the `bench_architectures` markers.
 
