@@ -14,7 +14,9 @@ like) or uint8, or a built-in data set's name. Errors are `autoprune.AutopruneEr
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,22 @@ class SearchResult:
     policy: dict[str, float]  # group -> keep ratio
     metrics: dict  # the run's metrics.json
     run_dir: Path  # the run directory (config, history, model.pt / .pt2 / .onnx, report)
+
+
+def _stop_if_reimported(what: str) -> None:
+    """End a worker process that is running the calling script again.
+
+    Whole networks are timed, and NetAdapt's proposals trained, in spawned processes, and a
+    spawned process first imports the calling script's main module again. A script that calls
+    autoprune at its top level, without an `if __name__ == "__main__":` guard, would start all
+    its work over in there. Such a worker stops here instead; the timing falls back to the
+    calling process (and says so), NetAdapt's pool fails with the reason.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # multiprocessing's own test
+        sys.stderr.write(f"autoprune: a worker process is importing the calling script again, which calls "
+                         f"autoprune.{what} at its top level; the worker stops. Put the script's work under "
+                         f"`if __name__ == \"__main__\":` to let such workers start.\n")
+        raise SystemExit(1)
 
 
 def _shape(example_input) -> tuple[int, int, int]:
@@ -142,6 +160,7 @@ def search(model=None, train=None, val=None, test=None, *, budget: str = "50%flo
     to `out` (default runs/TIME-AGENT-BUDGET); `resume` continues a killed run directory
     with the same objects. Same seed, same result as `autoprune search` on the command line.
     """
+    _stop_if_reimported("search")
     from autoprune.pipeline.stages import resume_search, run_search
     from autoprune.pipeline.settings import SearchSettings
 
@@ -167,6 +186,7 @@ def prune(model: nn.Module, policy: dict[str, float] | float, example_input, *, 
     `policy` maps group names (see `describe`) to keep ratios, or is one keep ratio for
     every group. BatchNorm statistics are left as they were: recalibrate or fine-tune.
     """
+    _stop_if_reimported("prune")
     from autoprune.costs import uniform_policy
     from autoprune.pruning import apply_policy, describe_network
 
@@ -183,6 +203,7 @@ def finetune(model: nn.Module, train, val=None, *, epochs: int = 1, lr: float = 
     """Train `model` in place, on its own device, on `train` (SGD with Nesterov momentum, cosine
     learning rate) and return it; `val` defaults to `train` and is only used for the reported
     accuracy. `amp`: mixed precision, on a CUDA device only."""
+    _stop_if_reimported("finetune")
     from autoprune.data import bundle_from_datasets
     from autoprune.train import TrainConfig, train as run_training
 
@@ -195,6 +216,7 @@ def finetune(model: nn.Module, train, val=None, *, epochs: int = 1, lr: float = 
 def describe(model: nn.Module, example_input) -> list[dict]:
     """The prunable groups of `model`: one dict per group (name, channels, layers, FLOPs and
     parameters it accounts for, share of the total). FLOPs are multiply-accumulates."""
+    _stop_if_reimported("describe")
     from autoprune.costs import count_cost, group_costs
     from autoprune.pruning import describe_network
 
@@ -213,6 +235,7 @@ def build_lut(model: nn.Module, example_input, *, backend: str = "torch", thread
     written to `out` (default latency_luts/DEVICE-BACKEND-tT-bB-MODEL.json). `backend` is
     torch, onnxruntime, openvino or torch-cuda; `batch` defaults to the backend's (1 on the
     CPU, 64 on a GPU)."""
+    _stop_if_reimported("build_lut")
     from autoprune.latency import build_lut as measure, default_lut_path, get_backend
     from autoprune.pruning import describe_network
 
@@ -229,6 +252,7 @@ def build_lut(model: nn.Module, example_input, *, backend: str = "torch", thread
 
 def compare(run_dirs, *, out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Finished runs side by side, one row per run; with `out`, also the CSV, Markdown and plots."""
+    _stop_if_reimported("compare")
     from autoprune.comparison import comparison_table, load_runs, write_comparison
 
     records = load_runs([str(p) for p in run_dirs])

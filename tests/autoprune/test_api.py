@@ -250,3 +250,31 @@ def test_build_lut_measures_a_table_for_a_user_module(user_setup, tmp_path):
     half = {g.name: max(1, g.channels // 2) for g in description.groups}
     assert (tmp_path / "lut.json").is_file() and table.predict_ms(description) > 0
     assert table.predict_ms(description, half) > 0
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_runs_its_search_once(tmp_path):
+    """The finish times the network in a spawned process, which imports the calling script
+    again: a script calling autoprune.search at its top level must not start a second search
+    there (it exits at once, and the latency is timed in the script's own process)."""
+    import subprocess
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import torch\n"
+        "import torch.nn as nn\n"
+        "from torch.utils.data import TensorDataset\n"
+        "import autoprune\n"
+        "torch.manual_seed(0)\n"
+        "x, y = torch.randn(192, 1, 8, 8), torch.randint(0, 4, (192,))\n"
+        "model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
+        "result = autoprune.search(model, TensorDataset(x[:128], y[:128]), TensorDataset(x[128:], y[128:]),\n"
+        "                          budget='50%flops', agent='uniform', finetune_epochs=0, bn_batches=1,\n"
+        "                          onnx=False, progress=False)\n"
+        "print('latency measured in', result.metrics['measured_latency_settings']['process'][:8])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # no second run directory from the worker
+    assert "if __name__ == \"__main__\":" in done.stderr  # the worker said why it stopped
+    assert "latency measured in this one" in done.stdout
