@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 
 from autoprune.costs import (GroupSpec, LayerSpec, Link, NetworkDescription, check_policy, count_cost, group_keep,
                              policy_channels, policy_cost, uniform_policy)
@@ -141,12 +142,75 @@ def _build_graph(model: nn.Module, example: torch.Tensor, channel_convs: dict | 
             channel_convs[output.grad_fn] = names[module]
 
         handles = [m.register_forward_hook(hook) for m in convs]
+    shapes = _OutputShapes()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                     ignored_layers=convs)
+        with shapes:
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                          ignored_layers=convs)
     finally:
         for h in handles:
             h.remove()
+    _cut_channel_free_steps(graph, shapes.by_node)
+    return graph
+
+
+class _OutputShapes(TorchFunctionMode):
+    """Records the shape of every tensor a forward pass computes, by its autograd node."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_node: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                self.by_node.setdefault(t.grad_fn, tuple(t.shape))
+        return out
+
+
+# element-wise steps (to Torch-Pruning) that reduce over the channels, or broadcast one channel over many
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod")
+_BROADCASTS = ("mul", "add", "sub", "div", "maximum", "minimum", "where")
+
+
+def _cut_channel_free_steps(graph, shapes: Mapping) -> None:
+    """Unlink, in Torch-Pruning's graph, the inputs of a step whose channels do not follow them.
+
+    Torch-Pruning takes any operation it does not know for element-wise, channel for
+    channel. A reduction over the channels (CBAM's spatial attention pools `x.mean(1)` and
+    `x.amax(1)`) and a product with a one-channel map broadcast over all channels (the
+    attention map applied to `x`) are not: linked, a group's channels spread onto the
+    one-channel side, its claims there cannot hold, and the group is dropped. Transposes
+    and views stay linked (efficient channel attention relies on it). Where a link goes,
+    the channel counts and index mappings that Torch-Pruning inferred along it (a flatten
+    further on counts the channels of a product by its last input) are inferred again.
+    """
+    cut = False
+    for node in list(graph.module2node.values()):
+        if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
+            continue
+        op = node.grad_fn.name().lower().removesuffix("backward0").removesuffix("backward1")
+        out = shapes.get(node.grad_fn)
+        if out is None or len(out) < 2 or op not in _REDUCTIONS + _BROADCASTS:
+            continue
+        for source in list(node.inputs):
+            shape = shapes.get(source.grad_fn)
+            if shape is None or len(shape) < 2 or shape[1] == out[1]:
+                continue
+            if op in _BROADCASTS and shape[1] != 1:
+                continue
+            node.dependencies = [d for d in node.dependencies if d.target is not source]
+            source.dependencies = [d for d in source.dependencies if d.target is not node]
+            node.inputs = [n for n in node.inputs if n is not source]
+            source.outputs = [n for n in source.outputs if n is not node]
+            cut = True
+    if cut:  # inferred again from scratch, as building the graph did, on the graph without those links
+        for node in graph.module2node.values():
+            for dependency in node.dependencies:
+                dependency.index_mapping = [None, None]
+        tp.dependency.shape_infer.init_shape_information(graph)
+        tp.dependency.index_mapping.update_index_mapping(graph)
 
 
 def _example(input_shape: tuple[int, int, int]) -> torch.Tensor:

@@ -3,7 +3,7 @@
 For the fixed test architectures (tests/archs.py: concatenated branches with squeeze-
 excitation, ResNeXt blocks, GroupNorm, a depthwise convolution with a channel
 multiplier, ConvNeXt blocks, SqueezeNet's fire modules, shared-MLP attention, a transposed
-convolution, efficient channel attention, and a mix of them) and the zoo, it prints
+convolution, efficient channel attention, CBAM, and a mix of them) and the zoo, it prints
 predicted and counted FLOPs and parameters, unpruned and after `uniform:0.5`. Then it
 draws `--seeds` random networks from the same blocks (the long variant of the property
 test) and, for each, several random policies: the prediction must equal Torch-Pruning's
@@ -137,8 +137,9 @@ def main() -> int:
         "",
         f"Random networks (tests/archs.py `random_net`, seeds 0-{args.seeds - 1}; two to four blocks of residual, "
         "concatenating (half with squeeze-excitation), ResNeXt, depthwise-separable, ConvNeXt (layer scale, "
-        "channels-last linear layers), per-channel-scaled residual and ECA-gated residual kinds, with a random norm "
-        "among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation and head): "
+        "channels-last linear layers), per-channel-scaled residual, ECA-gated and CBAM-gated residual kinds, "
+        "with a random norm among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation "
+        "and head): "
         f"{exact} of {checked} random policies predicted exactly, {len(failures)} failures, {groups} prunable "
         f"groups in all, {whole.count} kept whole by the pruner's own check; {seconds:.0f} s.",
     ]

@@ -4,8 +4,9 @@ The cost model must be exact on any architecture Torch-Pruning can prune, not on
 the zoo: these blocks are the shapes users bring (concatenated branches, grouped and
 depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
 other than BatchNorm, assorted activations, ConvNeXt's channels-last blocks with layer
-scale, efficient channel attention's Conv1d along the channels). `random_net(seed)` draws
-a network from them for the property tests.
+scale, efficient channel attention's Conv1d along the channels, CBAM's attention over the
+channels and over the positions). `random_net(seed)` draws a network from them for the
+property tests.
 """
 
 from __future__ import annotations
@@ -265,6 +266,26 @@ def shared_net(in_channels: int = 1) -> Net:
     return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
 
 
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention: the mean and the maximum over the channels, a convolution from
+    those two maps to one, and that one map gating every channel."""
+
+    def __init__(self, kernel: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x):
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+def cbam_net(in_channels: int = 1) -> Net:
+    """CBAM blocks (channel, then spatial attention) after a residual block and a downsampling one."""
+    blocks = [ResidualBlock(16, "bn", "relu"), SharedAttention(16, 6), SpatialAttention(7),
+              SeparableDown(16, 24, 1, "bn", "relu"), SpatialAttention(3)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 24, "flatten", 2)
+
+
 class TwoScales(nn.Module):
     """One convolution run on the map and on its pooled half: two shapes for one layer."""
 
@@ -309,7 +330,7 @@ def decoder_net(in_channels: int = 1) -> DecoderNet:
 def eca_net(in_channels: int = 1) -> Net:
     """Residual blocks gated by efficient channel attention, one of them on concatenated branches."""
     blocks = [nn.Sequential(ResidualBlock(16, "bn", "relu"), ECA(3)), ConcatBlock(16, 6, "bn", "relu", se=False),
-              ECA(5, bias=True), SeparableDown(16, 24, 2, "bn", "relu"), ECA(3)]
+              ECA(5, bias=True), SeparableDown(16, 24, 1, "bn", "relu"), ECA(3)]
     return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
 
 
@@ -323,7 +344,7 @@ def convnext_net(in_channels: int = 1) -> Net:
 
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
-         "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net}
+         "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net, "cbam": cbam_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:
@@ -336,11 +357,13 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
     blocks: list[nn.Module] = []
     downs = 0
     for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(["residual", "concat", "grouped", "separable", "convnext", "scaled", "eca"])
+        kind = rng.choice(["residual", "concat", "grouped", "separable", "convnext", "scaled", "eca", "spatial"])
         if kind == "residual":
             blocks.append(ResidualBlock(width, norm_kind, act))
         elif kind == "eca":
             blocks.append(nn.Sequential(ResidualBlock(width, norm_kind, act), ECA(rng.choice([3, 5]))))
+        elif kind == "spatial":
+            blocks.append(nn.Sequential(ResidualBlock(width, norm_kind, act), SpatialAttention(rng.choice([3, 7]))))
         elif kind == "convnext":
             blocks.append(ConvNeXtBlock(width, act))
         elif kind == "scaled":

@@ -13,7 +13,7 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import FIXED, fire_net, mixed_net, random_net, transposed_count
+from tests.archs import FIXED, cbam_net, eca_net, fire_net, mixed_net, random_net, transposed_count
 
 SHAPE = (1, 16, 16)
 
@@ -154,3 +154,17 @@ def test_a_network_with_sync_batchnorm_is_costed_and_pruned():
     assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     assert describe_network(model, SHAPE) == describe_network(plain, SHAPE)  # the same groups, the same costs
     check_architecture(model, seed=0)
+
+
+@pytest.mark.parametrize("factory", [eca_net, cbam_net])
+def test_attention_gates_leave_the_channels_they_gate_prunable(factory):
+    """ECA slides a one-channel Conv1d along the pooled channels; CBAM reduces over the channels
+    and gates every channel with one map. Neither ties the gated channels to a single channel:
+    the groups under them are pruned, and the attention's own convolutions keep their weights."""
+    model = factory()
+    pruner = ChannelPruner(model, SHAPE)
+    assert {"stem.0", "blocks.3.pointwise.0"} <= {g.name for g in pruner.groups}
+    pruned = check_exact(model, pruner, random_policy(pruner.description, random.Random(0)))
+    gates = [m for m in pruned.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
+    originals = [m for m in model.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
+    assert gates and [g.weight.shape for g in gates] == [o.weight.shape for o in originals]
