@@ -32,6 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1034,6 +1035,7 @@ LATENCY_TARGET_MS = 300.0  # timed calls per network and pass are sized to take 
 LATENCY_RUNS = (20, 200)  # fewest and most timed calls per network and pass
 LATENCY_WARMUP = 20  # untimed calls per network before each pass
 LATENCY_ROUNDS = 5  # passes over the networks; each keeps its fastest
+WORKER_TIMEOUT_S = 900.0  # a timing process that has not answered by then is ended, and timing done here
 
 
 def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], lut=None) -> dict:
@@ -1071,10 +1073,15 @@ class LatencyWorker:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
             payload = [model_to_bytes(model) for model in models]
-            result = self._pool.submit(_measure_in_worker, payload, self.input_shape, self.lut).result()
-        except (pickle.PicklingError, AttributeError, ImportError, TypeError, BrokenProcessPool) as exc:
-            # the model does not travel, or the worker cannot start (e.g. a calling script without a
-            # `if __name__ == "__main__":` guard)
+            future = self._pool.submit(_measure_in_worker, payload, self.input_shape, self.lut)
+            result = future.result(timeout=WORKER_TIMEOUT_S)
+        except (pickle.PicklingError, AttributeError, ImportError, TypeError, BrokenProcessPool,
+                FutureTimeout) as exc:
+            # the model does not travel, the worker cannot start (e.g. a calling script without a
+            # `if __name__ == "__main__":` guard), or it never answers: a search must not wait forever
+            if isinstance(exc, FutureTimeout):
+                exc = FutureTimeout(f"no answer in {WORKER_TIMEOUT_S:.0f} s")
+                self.kill()
             self.close()
             log.warning("timing in a separate process failed (%s); timing in this process instead, where "
                         "earlier training or other work on the same cores can slow the networks down",
@@ -1092,6 +1099,14 @@ class LatencyWorker:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+            self._pool = None
+
+    def kill(self) -> None:
+        """End the worker process at once, and drop the pool."""
+        if self._pool is not None:
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> LatencyWorker:

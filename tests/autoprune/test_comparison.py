@@ -176,6 +176,22 @@ def test_latency_is_timed_in_a_fresh_process_unless_the_model_cannot_travel(capl
     assert "timing in this process instead" in caplog.text
 
 
+def test_a_timing_process_that_does_not_answer_is_ended_and_the_timing_done_here(monkeypatch, caplog):
+    import multiprocessing
+
+    import torch.nn as nn
+
+    from autoprune import latency
+
+    monkeypatch.setattr(latency, "WORKER_TIMEOUT_S", 0.05)  # the worker cannot even start in that time
+    with caplog.at_level("WARNING", logger="autoprune.latency"):
+        result = latency.measure_latency([nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())], (1, 28, 28))
+    assert result["ms"][0] > 0
+    assert result["settings"]["process"].startswith("this one (timing in a separate process failed: TimeoutError")
+    assert "timing in this process instead" in caplog.text
+    assert not multiprocessing.active_children()  # the worker was ended, not left behind
+
+
 @pytest.mark.slow
 def test_a_script_without_a_main_guard_still_gets_its_latency(tmp_path):
     import subprocess
