@@ -198,7 +198,9 @@ def _cut_channel_free_steps(graph, shapes: Mapping) -> None:
             shape = shapes.get(source.grad_fn)
             if shape is None or len(shape) < 2 or shape[1] == out[1]:
                 continue
-            if op in _BROADCASTS and shape[1] != 1:
+            # a broadcast input of another rank (a (C, 1, 1) scale on an (N, C, H, W) map) lines up
+            # from the right, and which of its axes are the channels is not known: left linked
+            if op in _BROADCASTS and (shape[1] != 1 or len(shape) != len(out)):
                 continue
             node.dependencies = [d for d in node.dependencies if d.target is not source]
             source.dependencies = [d for d in source.dependencies if d.target is not node]
@@ -716,6 +718,7 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, int, int],
         root = modules[root_name]
         handler = graph.get_pruner_of_module(root).prune_out_channels
         graph.get_pruning_group(root, handler, list(remove)).prune(record_history=False)
+    _follow_custom_norms(model)
     try:
         with torch.no_grad():
             got = tuple(model(example).shape)
@@ -726,6 +729,22 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, int, int],
     if got != expected:
         raise AutopruneError(f"the pruned network returns shape {got}, the base model {expected}")
     return model
+
+
+def _follow_custom_norms(model: nn.Module) -> None:
+    """Update the width a normalisation layer of the model's own code keeps in `normalized_shape`.
+
+    ConvNeXt's reference code defines its own LayerNorm: weight and bias parameters, and a
+    `normalized_shape` tuple it hands to `F.layer_norm`. Torch-Pruning shrinks the parameters
+    but does not know the tuple, and the pruned network fails on a width mismatch.
+    """
+    for m in model.modules():
+        shape = getattr(m, "normalized_shape", None)
+        weight = getattr(m, "weight", None)
+        if isinstance(m, nn.LayerNorm) or not isinstance(shape, tuple) or not isinstance(weight, torch.Tensor):
+            continue
+        if len(shape) == 1 == weight.dim() and shape[0] != weight.shape[0]:
+            m.normalized_shape = (weight.shape[0],)
 
 
 def cut_group(model: nn.Module, input_shape: tuple[int, int, int], group: GroupSpec, channels_before: int,

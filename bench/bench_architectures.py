@@ -3,14 +3,14 @@
 For the fixed test architectures (tests/archs.py: concatenated branches with squeeze-
 excitation, ResNeXt blocks, GroupNorm, a depthwise convolution with a channel
 multiplier, ConvNeXt blocks, SqueezeNet's fire modules, shared-MLP attention, a transposed
-convolution, efficient channel attention, CBAM, and a mix of them) and the zoo, it prints
-predicted and counted FLOPs and parameters, unpruned and after `uniform:0.5`. Then it
-draws `--seeds` random networks from the same blocks (the long variant of the property
-test) and, for each, several random policies: the prediction must equal Torch-Pruning's
-conv, Conv1d and linear counter and the parameter sum of the physically pruned network,
-whose output shape must be unchanged.
-It also counts the groups kept whole (those Torch-Pruning cannot prune consistently).
-Results go to BENCHMARKS.md between the `bench_architectures` markers.
+convolution, efficient channel attention, CBAM, ConvNeXt with its own LayerNorm, and a
+mix of them) and the zoo, it prints predicted and counted FLOPs and parameters, unpruned
+and after `uniform:0.5`. Then it draws `--seeds` random networks from the same blocks
+(the long variant of the property test) and, for each, several random policies: the
+prediction must equal Torch-Pruning's conv, Conv1d and linear counter and the parameter
+sum of the physically pruned network, whose output shape must be unchanged. It also
+counts the groups kept whole (those Torch-Pruning cannot prune consistently). Results go
+to BENCHMARKS.md between the `bench_architectures` markers.
 
     python bench/bench_architectures.py [--seeds 300] [--policies 4]
 """
@@ -137,7 +137,7 @@ def main() -> int:
         "",
         f"Random networks (tests/archs.py `random_net`, seeds 0-{args.seeds - 1}; two to four blocks of residual, "
         "concatenating (half with squeeze-excitation), ResNeXt, depthwise-separable, ConvNeXt (layer scale, "
-        "channels-last linear layers), per-channel-scaled residual, ECA-gated and CBAM-gated residual kinds, "
+        "channels-last linear layers, half with the reference code's own LayerNorm), per-channel-scaled residual, ECA-gated and CBAM-gated residual kinds, "
         "with a random norm among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation "
         "and head): "
         f"{exact} of {checked} random policies predicted exactly, {len(failures)} failures, {groups} prunable "

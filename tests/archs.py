@@ -4,9 +4,9 @@ The cost model must be exact on any architecture Torch-Pruning can prune, not on
 the zoo: these blocks are the shapes users bring (concatenated branches, grouped and
 depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
 other than BatchNorm, assorted activations, ConvNeXt's channels-last blocks with layer
-scale, efficient channel attention's Conv1d along the channels, CBAM's attention over the
-channels and over the positions). `random_net(seed)` draws a network from them for the
-property tests.
+scale and its reference code's own LayerNorm, efficient channel attention's Conv1d along
+the channels, CBAM's attention over the channels and over the positions).
+`random_net(seed)` draws a network from them for the property tests.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import random
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 NORMS = ("bn", "gn", "in", "ln", "none")
@@ -118,14 +119,37 @@ class SeparableDown(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+class ChannelNorm(nn.Module):
+    """A LayerNorm over the channels written in the model's own code, as ConvNeXt's reference
+    implementation has it: by hand on (N, C, H, W) maps (mean and variance over dim 1, then a
+    per-channel scale and shift), or through `F.layer_norm` on channels-last input, with the
+    width kept in `normalized_shape`."""
+
+    def __init__(self, channels: int, channels_last: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.normalized_shape = (channels,)
+        self.channels_last, self.eps = channels_last, eps
+
+    def forward(self, x):
+        if self.channels_last:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
 class ConvNeXtBlock(nn.Module):
     """ConvNeXt's block: depthwise 7×7, then channels last for a LayerNorm and two linear
-    layers run at every position, scaled per channel by a bare parameter (layer scale)."""
+    layers run at every position, scaled per channel by a bare parameter (layer scale).
+    `own_norm`: the LayerNorm is a `ChannelNorm`."""
 
-    def __init__(self, channels: int, act: str = "gelu"):
+    def __init__(self, channels: int, act: str = "gelu", own_norm: bool = False):
         super().__init__()
         self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
-        self.norm = nn.LayerNorm(channels)
+        self.norm = ChannelNorm(channels, channels_last=True) if own_norm else nn.LayerNorm(channels)
         self.expand = nn.Linear(channels, 4 * channels)
         self.act = ACTIVATIONS[act]()
         self.project = nn.Linear(4 * channels, channels)
@@ -342,9 +366,19 @@ def convnext_net(in_channels: int = 1) -> Net:
     return Net(stem, blocks, 16, "mlp", 1, act="gelu")
 
 
+def convnext_own_norm_net(in_channels: int = 1) -> Net:
+    """ConvNeXt as its reference code writes it: its own LayerNorm after the stem, before the
+    downsampling convolution and in the blocks."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, 16, 4, stride=4), ChannelNorm(16))
+    blocks = [ConvNeXtBlock(16, own_norm=True), ChannelNorm(16), nn.Conv2d(16, 24, 2, stride=2),
+              ConvNeXtBlock(24, own_norm=True)]
+    return Net(stem, blocks, 24, "pool", 1)
+
+
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
-         "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net, "cbam": cbam_net}
+         "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net, "cbam": cbam_net,
+         "convnext_own_norm": convnext_own_norm_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:
@@ -365,7 +399,7 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
         elif kind == "spatial":
             blocks.append(nn.Sequential(ResidualBlock(width, norm_kind, act), SpatialAttention(rng.choice([3, 7]))))
         elif kind == "convnext":
-            blocks.append(ConvNeXtBlock(width, act))
+            blocks.append(ConvNeXtBlock(width, act, own_norm=rng.random() < 0.5))
         elif kind == "scaled":
             blocks.append(ScaledResidual(width, norm_kind, act))
         elif kind == "concat":

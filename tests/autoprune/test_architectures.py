@@ -13,7 +13,8 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import FIXED, cbam_net, eca_net, fire_net, mixed_net, random_net, transposed_count
+from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, eca_net, fire_net, mixed_net, random_net,
+                         transposed_count)
 
 SHAPE = (1, 16, 16)
 
@@ -168,3 +169,16 @@ def test_attention_gates_leave_the_channels_they_gate_prunable(factory):
     gates = [m for m in pruned.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
     originals = [m for m in model.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
     assert gates and [g.weight.shape for g in gates] == [o.weight.shape for o in originals]
+
+
+def test_convnext_with_its_own_layer_norm_prunes_every_group():
+    """The reference code's LayerNorm normalises by hand over dim 1 (Torch-Pruning takes the
+    mean for a channel-for-channel step) and keeps its width in `normalized_shape` (which
+    Torch-Pruning does not update): every group is still pruned, exactly costed."""
+    model = convnext_own_norm_net()
+    pruner = ChannelPruner(model, SHAPE)
+    assert pruner.description.group_names == describe_network(model, SHAPE).group_names  # none kept whole
+    assert {"stem.0", "blocks.2"} <= set(pruner.description.group_names)
+    pruned = check_exact(model, pruner, uniform_policy(pruner.description, 0.5))
+    norms = [m for m in pruned.modules() if type(m).__name__ == "ChannelNorm"]
+    assert norms and all(m.normalized_shape == tuple(m.weight.shape) for m in norms)
