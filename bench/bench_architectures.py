@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch_pruning as tp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test architectures live in tests/archs.py
@@ -38,17 +36,9 @@ from autoprune.latency import this_device  # noqa: E402
 from autoprune.models import build_model  # noqa: E402
 from autoprune.pruning import ChannelPruner, describe_network  # noqa: E402
 from bench_core import write_section  # noqa: E402
-from tests.archs import FIXED, mixed_net, random_net, transposed_count  # noqa: E402
+from tests.archs import FIXED, counted_cost, mixed_net, random_net  # noqa: E402
 
 SHAPE = (1, 28, 28)
-
-
-def counted(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
-    """Torch-Pruning's conv+linear MACs (transposed convolutions counted at their input
-    positions, not at the output ones as its counter does) and the parameter sum."""
-    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
-    return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 
 class WholeGroups(logging.Handler):
@@ -84,8 +74,8 @@ def main() -> int:
         pruner = ChannelPruner(model, SHAPE)
         policy = uniform_policy(pruner.description, 0.5)
         predicted = policy_cost(pruner.description, policy)
-        flops, params = counted(pruner.prune(policy))
-        base_flops, base_params = counted(model)
+        flops, params = counted_cost(pruner.prune(policy), SHAPE)
+        base_flops, base_params = counted_cost(model, SHAPE)
         table.append(f"| {name} | {len(pruner.groups)} | {base.flops:,} FLOPs / {base.params:,} params | "
                      f"{base_flops:,} / {base_params:,} | {predicted.flops:,} / {predicted.params:,} | "
                      f"{flops:,} / {params:,} |")
@@ -100,7 +90,7 @@ def main() -> int:
         model = random_net(seed).eval()
         try:
             base = count_cost(describe_network(model, SHAPE))
-            if (base.flops, base.params) != counted(model):
+            if (base.flops, base.params) != counted_cost(model, SHAPE):
                 failures.append(f"seed {seed}: unpruned count differs")
                 continue
             pruner = ChannelPruner(model, SHAPE, criterion="random", seed=seed)
@@ -115,7 +105,7 @@ def main() -> int:
             try:
                 pruned = pruner.prune(policy)
                 predicted = policy_cost(pruner.description, policy)
-                ok = (predicted.flops, predicted.params) == counted(pruned) and \
+                ok = (predicted.flops, predicted.params) == counted_cost(pruned, SHAPE) and \
                     tuple(pruned(torch.randn(2, *SHAPE)).shape) == (2, 10)
             except Exception as exc:  # noqa: BLE001
                 failures.append(f"seed {seed}: {type(exc).__name__}: {str(exc)[:120]}")

@@ -16,6 +16,7 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 NORMS = ("bn", "gn", "in", "ln", "none")
@@ -479,3 +480,12 @@ def transposed_count(model: nn.Module, shape: tuple[int, int, int]) -> int:
     for handle in handles:
         handle.remove()
     return sum(found)
+
+
+def counted_cost(model: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int]:
+    """An independent count of a network: Torch-Pruning's counter over its convolutions (Conv1d
+    too) and linear layers, its count of a transposed convolution (at the output positions)
+    replaced by the count at the input positions, and the parameter sum."""
+    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
+    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
+    return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())

@@ -6,26 +6,16 @@ import random
 import pytest
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from autoprune.costs import count_cost, group_choices, group_keep, policy_cost, uniform_policy
 from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, eca_net, fire_net, mixed_net, random_net,
-                         transposed_count)
+from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, mixed_net,
+                         random_net)
 
 SHAPE = (1, 16, 16)
-
-
-def independent_count(model: nn.Module, shape=SHAPE) -> tuple[int, int]:
-    """Torch-Pruning's counter (conv and linear MACs; its count of a transposed convolution, at
-    the output positions, replaced by the count at the input positions) and the true
-    parameter sum."""
-    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
-    return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
 
 
 def random_policy(description, rng: random.Random) -> dict[str, float]:
@@ -36,7 +26,7 @@ def check_exact(model: nn.Module, pruner: ChannelPruner, policy: dict[str, float
     """Prediction = count on the physically pruned network, and its output shape is unchanged."""
     pruned = pruner.prune(policy)
     predicted = policy_cost(pruner.description, policy)
-    assert (predicted.flops, predicted.params) == independent_count(pruned)
+    assert (predicted.flops, predicted.params) == counted_cost(pruned, SHAPE)
     assert count_cost(describe_network(pruned, SHAPE)) == predicted
     assert pruned.eval()(torch.randn(2, *SHAPE)).shape == (2, 10)
     return pruned
@@ -46,7 +36,7 @@ def check_architecture(model: nn.Module, seed: int, policies: int = 3) -> None:
     model.eval()
     description = describe_network(model, SHAPE)
     cost = count_cost(description)
-    assert (cost.flops, cost.params) == independent_count(model)
+    assert (cost.flops, cost.params) == counted_cost(model, SHAPE)
     pruner = ChannelPruner(model, SHAPE, criterion="random", seed=seed)
     rng = random.Random(seed)
     check_exact(model, pruner, uniform_policy(pruner.description, 0.5))

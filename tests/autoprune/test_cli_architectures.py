@@ -4,8 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
-import torch_pruning as tp
 
 from autoprune.cli import main
 from autoprune.criteria import CRITERIA
@@ -20,13 +18,6 @@ def run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def counted(model: nn.Module) -> tuple[int, int]:
-    """Torch-Pruning's conv+linear count and the parameter sum of a network."""
-    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
-    flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
-    return int(flops), sum(p.numel() for p in model.parameters())
 
 
 def exported_count(path) -> tuple[int, int]:
@@ -59,12 +50,9 @@ def test_info_counts_a_concatenating_grouped_model_exactly(capsys):
     code, out, err = run(capsys, "info", "--model", MODEL, "--json")
     assert code == 0, err
     info = json.loads(out)
-    from tests.archs import mixed_net
+    from tests.archs import counted_cost, mixed_net
 
-    model = mixed_net()
-    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 1, 28, 28), layer_wise=True)
-    assert info["flops"] == sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
-    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert (info["flops"], info["params"]) == counted_cost(mixed_net(), (1, 28, 28))
 
 
 @pytest.mark.parametrize("criterion", list(CRITERIA))
