@@ -1036,6 +1036,11 @@ LATENCY_RUNS = (20, 200)  # fewest and most timed calls per network and pass
 LATENCY_WARMUP = 20  # untimed calls per network before each pass
 LATENCY_ROUNDS = 5  # passes over the networks; each keeps its fastest
 WORKER_TIMEOUT_S = 900.0  # a timing process that has not answered by then is ended, and timing done here
+# a pruned network against the unpruned one is timed this many times, and the timing with the median
+# ratio counts: one timing's ratio moves by about half a point on a machine with other work on it, and
+# by 2.5 points once (the unpruned network timed 10 % faster than usual), enough to move a network
+# across a latency budget's window
+PAIR_TIMINGS = 3
 
 
 def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], lut=None) -> dict:
@@ -1046,6 +1051,29 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, int, int], 
     """
     with LatencyWorker(input_shape, lut) as worker:
         return worker.measure(models)
+
+
+def median_timing(timings: list[list[float]], key: Callable[[list[float]], float] | None = None) -> list[float]:
+    """Of several timings of the same [unpruned, pruned] pair, the one whose `key` (by
+    default the ratio pruned / unpruned) is the median; with an even count, the lower of
+    the middle two. A timing, not an average, so that its two figures belong together."""
+    if not timings:
+        raise ValueError("no timings")
+    key = key or (lambda pair: pair[1] / pair[0])
+    ordered = sorted(timings, key=key)
+    return list(ordered[(len(ordered) - 1) // 2])
+
+
+def measure_pair(base: nn.Module, network: nn.Module, input_shape: tuple[int, int, int], lut=None,
+                 times: int = PAIR_TIMINGS) -> dict:
+    """`measure_latency` of [base, network], `times` over in one fresh process; "ms" is the
+    timing with the median ratio (`median_timing`) and "timings" all of them."""
+    with LatencyWorker(input_shape, lut) as worker:
+        first = worker.measure([base, network])
+        timings = [[float(v) for v in first["ms"]]] + [worker([base, network]) for _ in range(times - 1)]
+    settings = {**first["settings"], "timings": len(timings),
+                "statistic": f"{first['settings']['statistic']}; of {len(timings)} timings, the median ratio"}
+    return {"ms": median_timing(timings), "timings": timings, "settings": settings}
 
 
 def _measure_in_worker(payload: list[bytes], input_shape: tuple[int, int, int], lut) -> dict:
@@ -1067,8 +1095,13 @@ class LatencyWorker:
     def __init__(self, input_shape: tuple[int, int, int], lut=None):
         self.input_shape, self.lut = tuple(input_shape), lut
         self._pool = None
+        self._failed: str | None = None  # why timing in a separate process failed: later calls time here
 
     def measure(self, models: list[nn.Module]) -> dict:
+        if self._failed is not None:
+            result = measure_latency_here(models, self.input_shape, self.lut)
+            result["settings"]["process"] = self._failed
+            return result
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
@@ -1086,9 +1119,9 @@ class LatencyWorker:
             log.warning("timing in a separate process failed (%s); timing in this process instead, where "
                         "earlier training or other work on the same cores can slow the networks down",
                         type(exc).__name__)
+            self._failed = f"this one (timing in a separate process failed: {type(exc).__name__}: {exc})"
             result = measure_latency_here(models, self.input_shape, self.lut)
-            result["settings"]["process"] = (f"this one (timing in a separate process failed: "
-                                             f"{type(exc).__name__}: {exc})")
+            result["settings"]["process"] = self._failed
             return result
         result["settings"]["process"] = "a fresh one"
         return result

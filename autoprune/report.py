@@ -33,8 +33,9 @@ def _report(run: Run, m: dict) -> str:
         s = m["measured_latency_settings"]
         where = s["measured_on"] + ("" if s.get("on_lut_device") in (None, True) else
                                     f", not the LUT's device ({s.get('lut_device')})")
+        times = f"the median ratio of {s['timings']} timings, " if s.get("timings", 1) > 1 else ""
         lines.append(f"- latency (measured here, {s['backend']}, {s['threads']} thread(s), batch {s['batch']}, "
-                     f"on {where}): {m['measured_latency_ms_base']:.3f} ms -> {m['measured_latency_ms']:.3f} ms "
+                     f"{times}on {where}): {m['measured_latency_ms_base']:.3f} ms -> {m['measured_latency_ms']:.3f} ms "
                      f"({100 * m['measured_latency_ratio']:.1f} %)")
     training = m.get("training", {})
     staged = training.get("stages", 1) > 1

@@ -20,7 +20,7 @@ from autoprune.costs import count_cost, group_keep
 from autoprune.errors import AutopruneError
 from autoprune.evaluation import PolicyEvaluator
 from autoprune.export import check_onnx, export_onnx, save_pruned_model, save_trainable
-from autoprune.latency import measure_latency
+from autoprune.latency import measure_pair
 from autoprune.report import write_report
 from autoprune.runs import Run
 from autoprune.pipeline.protocol import OwnSizes, SearcherResult
@@ -151,7 +151,7 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
     finetune_seconds = time.perf_counter() - started
     training["total_steps"] = search_steps + training["finetune_steps"] + training["extra_steps"]
     pruned = pruned.cpu()  # timed and exported on the CPU
-    latency = measure_latency([base_model, pruned], shape, lut)
+    latency = measure_pair(base_model, pruned, shape, lut)
     evaluations = result.evaluations
     metrics = {
         "agent": run.config.get("agent"), "budget": str(budget), "budget_metric": budget.metric,
@@ -169,6 +169,7 @@ def finish_run(run: Run, evaluator: PolicyEvaluator, result: SearcherResult, con
         "measured_latency_ms_base": latency["ms"][0], "measured_latency_ms": latency["ms"][1],
         "measured_latency_ratio": latency["ms"][1] / latency["ms"][0],
         "measured_latency_settings": latency["settings"], "measured_on": latency["settings"]["measured_on"],
+        "measured_latency_timings": latency["timings"],
         "policy": policy, "channels": channels, "finetune_history": history,
     }
     if history_as_run is not history:

@@ -6,10 +6,11 @@ conv units run back to back took 6 % longer than alone at a uniform policy and 1
 longer at the uneven policies NetAdapt and DDPG chose, so a table calibrated on whole
 networks still under-predicted those by 5-16 % and they missed a 50 % budget by up to
 7 points. A search ranks policies by the table; the finish then times the chosen network
-in a fresh process against the unpruned one, and while it lies outside the window
-[budget - WINDOW, budget] (WINDOW of the unpruned network's latency) scales every
-group's kept channels by one factor, chosen on the table corrected by the last
-measurement, and times again. A searcher that can make its own network at other sizes
+in a fresh process against the unpruned one (PAIR_TIMINGS times, the median counting:
+one timing under load once put a network that measures 50.0 % at 52.5 %), and while it
+lies outside the window [budget - WINDOW, budget] (WINDOW of the unpruned network's
+latency) scales every group's kept channels by one factor, chosen on the table corrected
+by the last measurement, and times again. A searcher that can make its own network at other sizes
 (Torch-Pruning's global pruning, at other global ratios) is fitted along that family
 instead, so that its network may grow as well as shrink and stays its own.
 
@@ -30,7 +31,7 @@ import torch.nn as nn
 from autoprune.budgets import Constraint
 from autoprune.costs import NetworkDescription, _group_floor, group_multiple
 from autoprune.io import atomic_write_json
-from autoprune.latency import LatencyWorker, describe_device, same_device, this_device
+from autoprune.latency import PAIR_TIMINGS, LatencyWorker, describe_device, median_timing, same_device, this_device
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,15 @@ def _next_target(steps: list[dict], aim: float) -> float:
 def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build: Callable[[dict[str, int]], nn.Module],
                          base_model: nn.Module, input_shape: tuple[int, int, int], *, grow: bool,
                          sizes: tuple[Callable[[float], dict[str, int]], float] | None = None,
-                         state_dir=None, worker: LatencyWorker | None = None) -> tuple[dict[str, int], dict]:
+                         state_dir=None, worker: LatencyWorker | None = None,
+                         timings_per_plan: int = PAIR_TIMINGS) -> tuple[dict[str, int], dict]:
     """The channel plan that meets a latency budget as measured on this machine, and a record.
 
     The plans tried are `scaled_channels(kept, factor)`, or with `sizes` = (`plan_for`,
     `largest`) a family of the searcher's own, `plan_for(factor)` for factors up to
-    `largest` (`plan_for(1)` being `kept`); `build(plan)` makes the network of one. `grow`
+    `largest` (`plan_for(1)` being `kept`); `build(plan)` makes the network of one, which is
+    timed against the unpruned one `timings_per_plan` times and judged by the timing with
+    the median share of the limit (`median_timing`). `grow`
     allows plans larger than `kept` (False when the network is the search's own and can
     only lose channels; ignored with `sizes`). Returns (`kept` unchanged, a record saying why)
     when there is nothing to fit: not a latency budget, or a LUT from another CPU. With
@@ -149,13 +153,15 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
     try:
         plan, factor = dict(kept), 1.0
         for round_index in range(ROUNDS + 1):
-            base_ms, ms = worker([base_model, build(plan)])
+            network = build(plan)
+            timings = [[float(v) for v in worker([base_model, network])] for _ in range(timings_per_plan)]
+            base_ms, ms = median_timing(timings, key=lambda pair: pair[1] / budget.limit(pair[0]))
             limit = budget.limit(base_ms)
             low = limit - WINDOW * base_ms
             steps.append({"factor": factor, "channels": plan, "lut_ms": predict(plan),
                           "lut_ratio": predict(plan) / constraint.base_value, "measured_ms": ms,
                           "measured_base_ms": base_ms, "measured_ratio": ms / base_ms, "limit_ms": limit,
-                          "window_low_ms": low})
+                          "window_low_ms": low, "timings": timings})
             if low <= ms <= limit or (ms < low and not grow and factor >= 1.0) or round_index == ROUNDS:
                 break
             aim = (limit - WINDOW * base_ms / 2) / base_ms

@@ -169,6 +169,10 @@ def test_lut_commands_and_latency_in_prune(checkpoint, tmp_path, capsys):
     fit = metrics["latency_fit"]
     assert fit["fitted"] and 1 <= len(fit["steps"]) <= 5
     assert metrics["channels"] == fit["steps"][fit["chosen"]]["channels"]
+    # each network timed three times, and the run's own latency too: its figures are one of the timings
+    assert all(len(step["timings"]) == 3 for step in fit["steps"])
+    timings = metrics["measured_latency_timings"]
+    assert len(timings) == 3 and [metrics["measured_latency_ms_base"], metrics["measured_latency_ms"]] in timings
     # Torch-Pruning's network is fitted by its own pruning at other global ratios: the network it fine-tunes
     # and reports is the plan chosen (the FLOPs reported are counted on the network itself)
     tp_search = [arg if arg != "uniform" else "tp_global" for arg in search]

@@ -192,6 +192,38 @@ def test_a_timing_process_that_does_not_answer_is_ended_and_the_timing_done_here
     assert not multiprocessing.active_children()  # the worker was ended, not left behind
 
 
+def test_a_pair_is_timed_several_times_and_a_failed_worker_is_not_started_again(monkeypatch, caplog):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch.nn as nn
+
+    from autoprune import latency
+
+    started = []
+
+    class Broken:
+        """A process pool whose process dies at once (as a spawned worker of an unguarded script does)."""
+
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+
+        def submit(self, *args, **kwargs):
+            raise BrokenProcessPool("the worker died")
+
+        def shutdown(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(latency, "ProcessPoolExecutor", Broken)
+    base, pruned = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with caplog.at_level("WARNING", logger="autoprune.latency"):
+        result = latency.measure_pair(base, pruned, (1, 28, 28), times=3)
+    assert len(started) == 1 and caplog.text.count("timing in this process instead") == 1
+    assert len(result["timings"]) == 3 and result["settings"]["timings"] == 3
+    assert result["ms"] in result["timings"] and result["settings"]["process"].startswith("this one")
+    ratios = sorted(ms / b for b, ms in result["timings"])
+    assert result["ms"][1] / result["ms"][0] == ratios[1]
+
+
 @pytest.mark.slow
 def test_a_script_without_a_main_guard_still_gets_its_latency(tmp_path):
     import subprocess
