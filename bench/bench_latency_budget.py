@@ -16,8 +16,9 @@ test accuracy against measured latency with every seed.
     python bench/bench_latency_budget.py --lut latency_luts/FILE.json --measure --report
 
 `--measure` times every finished run's network again, all of them and the unpruned one
-in one process, in passes (each network back to back within a pass, the order rotating,
-the fastest pass kept): run it with nothing else on the machine. The
+in one process, in rounds (each network back to back within a round, the order rotating,
+the fastest round kept), and all that `--passes` times over, each network's ratio to the
+unpruned one being the median of its passes': run it with nothing else on the machine. The
 runs' own measurements are taken as each run ends, while the other worker trains on the
 other core; on a shared virtual machine those are not worth much (BENCHMARKS.md).
 
@@ -226,7 +227,7 @@ def runtime_words(runtime: dict) -> str:
 def measure(args, table) -> None:
     """Time every finished run's network (the base model cut to its channel counts: latency
     depends on the counts alone) in turn with the unpruned one; writes OUT/measured.json."""
-    from autoprune.latency import backend_for, measure_networks, timing_conditions
+    from autoprune.latency import backend_for, measure_networks, median_timing, timing_conditions
     from autoprune.pruning import ChannelPruner
 
     out = Path(args.out)
@@ -238,17 +239,23 @@ def measure(args, table) -> None:
     pruner = ChannelPruner(inputs.model, shape)
     networks = [inputs.model] + [pruner.prune(json.loads((p / "metrics.json").read_text())["policy"]) for p in paths]
     runtime = table.runtime  # the table's own runtime, threads and batch
+    passes = []
     with timing_conditions(runtime["threads"]):
-        ms = measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20,
-                              runs=100, rounds=5)
-    result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": ms[0],
+        for _ in range(args.passes):
+            passes.append(measure_networks(backend_for(runtime), networks, shape, runtime.get("batch", 1), warmup=20,
+                                           runs=100, rounds=5))
+    # per network, the pass with the median ratio to that pass's unpruned time (as the runs' own timings count)
+    chosen = [median_timing([[ms[0], ms[i]] for ms in passes]) for i in range(1, len(networks))]
+    base_ms = statistics.median(ms[0] for ms in passes)
+    result = {"device": this_device(), "date": datetime.date.today().isoformat(), "base_ms": base_ms,
               "protocol": f"{runtime_words(runtime)}, pinned; each network back to back within a round (20 "
                           "untimed and 100 timed calls), the order rotating, minimum over 5 rounds of the per-round "
-                          "median",
-              "runs": {p.name: {"ms": m, "ratio": m / ms[0]} for p, m in zip(paths, ms[1:])}}
+                          f"median; {args.passes} such passes, each network's ratio the median of its passes'",
+              "passes": [list(ms) for ms in passes],
+              "runs": {p.name: {"ms": m, "ratio": m / b} for p, (b, m) in zip(paths, chosen)}}
     atomic_write_text(out / QUIET, json.dumps(result, indent=2) + "\n")
     sync_record(out, args.record)
-    print(f"unpruned {ms[0]:.3f} ms; " + ", ".join(f"{p.name} {m / ms[0]:.3f}" for p, m in zip(paths, ms[1:])))
+    print(f"unpruned {base_ms:.3f} ms; " + ", ".join(f"{p.name} {m / b:.3f}" for p, (b, m) in zip(paths, chosen)))
 
 
 def report(args, passthrough: list[str], table) -> int:
@@ -303,6 +310,7 @@ def report(args, passthrough: list[str], table) -> int:
         "*Measured, quiet*: every network timed again afterwards, all in turn in one process with nothing else "
         "running (`--measure`"
         + (f", {quiet['date']} on {quiet['device']}, unpruned {quiet['base_ms']:.3f} ms" if quiet else ", not run")
+        + (f", each ratio the median of {len(quiet['passes'])} passes" if quiet and "passes" in quiet else "")
         + "); *measured at run end*: timed as each run ended, while the other worker trained.",
         "",
         "| agent | seeds | FLOPs kept (%) | LUT latency (%) | measured, quiet (%) | measured at run end (%) "
@@ -389,6 +397,8 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only summarise the finished runs")
     parser.add_argument("--measure", action="store_true",
                         help="time every finished run's network again first (nothing else may run)")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="with --measure: timing passes over all networks; each network's ratio is the median")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--record", type=Path, default=None,
                         help="keep every finished run's config.json and metrics.json and the quiet measurement "
