@@ -15,6 +15,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +252,37 @@ def _channel_groups(m: nn.Module) -> int:
     return 1
 
 
+# the most channel indices one reshape may hand on (a flatten of its channels into features):
+# far above any flatten into a classifier, far below what exhausts memory
+INDEX_LIMIT = 1 << 18
+
+
+@contextmanager
+def _bounded_reshapes():
+    """While grouping, stop Torch-Pruning's index mapping through a reshape at INDEX_LIMIT
+    indices. Where a network reshapes maps so that the channels become another dimension
+    and back (GCNet's attention pooling: x.view(n, 1, c, h * w), a matrix product,
+    .view(n, c, 1, 1)), Torch-Pruning reads a flatten into h * w times the channels each
+    time, and the index lists multiplied until memory ran out (17 GB on one small net)."""
+    mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    original = mapping.__call__
+
+    def bounded(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
+            raise AutopruneError(
+                "the channels cannot be followed through the network's reshapes: one turns the channels into "
+                "another dimension and back (as GCNet's attention pooling does with x.view(n, 1, c, h * w) and a "
+                "matrix product); write that step channel-wise, e.g. (x * weights).sum((2, 3), keepdim=True) with "
+                "softmax weights of shape (n, 1, h, w), and a LayerNorm over (C, 1, 1) as GroupNorm(1, C)")
+        return original(self, idxs)
+
+    mapping.__call__ = bounded
+    try:
+        yield
+    finally:
+        mapping.__call__ = original
+
+
 def _prunable_member(name: str, m: nn.Module) -> bool:
     """Whether this layer of a group can be shrunk, its cost followed (False: keep the group whole)."""
     if isinstance(m, _CONV):
@@ -427,7 +459,9 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         return order.get(name, 1 << 30)
 
     raw = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_CONV + _LINEAR):
+    with _bounded_reshapes():
+        groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=_CONV + _LINEAR))
+    for group in groups:
         root = group[0].dep.target.module
         channels = len(group[0].idxs)
         sides: dict[tuple[str, bool], set[tuple[int, int]]] = {}
@@ -722,7 +756,7 @@ def remove_channels(model: nn.Module, input_shape: tuple[int, int, int],
     try:
         with torch.no_grad():
             got = tuple(model(example).shape)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: e.g. a GroupNorm left one value per group
         first = str(exc).strip().splitlines()[0]
         raise AutopruneError(f"the pruned network no longer runs ({first}); Torch-Pruning cannot prune this "
                              "architecture consistently") from None

@@ -376,10 +376,43 @@ def convnext_own_norm_net(in_channels: int = 1) -> Net:
     return Net(stem, blocks, 24, "pool", 1)
 
 
+class GlobalContext(nn.Module):
+    """GCNet's context block (Cao et al. 2019): attention pooling (a one-channel 1×1 convolution,
+    softmax over the positions), then a bottleneck transform between two 1×1 convolutions,
+    added to every position. `reference`: pooled as the paper's code does (x.view(n, 1, c,
+    h * w), a matrix product, a view back) with a LayerNorm over (C/r, 1, 1); otherwise
+    channel-wise ((x * weights).sum) with GroupNorm(1, C/r), the same function."""
+
+    def __init__(self, channels: int, ratio: float = 0.25, reference: bool = False):
+        super().__init__()
+        hidden, self.reference = max(2, int(channels * ratio)), reference
+        self.mask = nn.Conv2d(channels, 1, 1)
+        normal = nn.LayerNorm([hidden, 1, 1]) if reference else nn.GroupNorm(1, hidden)
+        self.transform = nn.Sequential(nn.Conv2d(channels, hidden, 1), normal, nn.ReLU(),
+                                       nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        if self.reference:
+            weights = self.mask(x).view(n, 1, h * w).softmax(dim=2).unsqueeze(-1)
+            context = torch.matmul(x.view(n, 1, c, h * w), weights).view(n, c, 1, 1)
+        else:
+            weights = self.mask(x).flatten(2).softmax(dim=2).view(n, 1, h, w)
+            context = (x * weights).sum((2, 3), keepdim=True)
+        return x + self.transform(context)
+
+
+def gcnet_net(in_channels: int = 1, reference: bool = False) -> Net:
+    """Residual blocks followed by GCNet's context block, one after a downsampling."""
+    blocks = [ResidualBlock(16, "bn", "relu"), GlobalContext(16, reference=reference),
+              SeparableDown(16, 24, 1, "bn", "relu"), GlobalContext(24, 1 / 8, reference=reference)]
+    return Net(conv_unit(in_channels, 16, 3), blocks, 24, "pool", 1)
+
+
 FIXED = {"concat_se": concat_se_net, "resnext": resnext_net, "groupnorm": groupnorm_net,
          "multiplier": multiplier_net, "separable_first": separable_first_net, "convnext": convnext_net,
          "fire": fire_net, "decoder": decoder_net, "shared": shared_net, "eca": eca_net, "cbam": cbam_net,
-         "convnext_own_norm": convnext_own_norm_net}
+         "convnext_own_norm": convnext_own_norm_net, "gcnet": gcnet_net}
 
 
 def random_net(seed: int, in_channels: int = 1) -> Net:

@@ -1,6 +1,7 @@
 """Exact costs and working pruning on architectures beyond the zoo (see tests/archs.py)."""
 
 import copy
+import os
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, mixed_net,
+from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, gcnet_net, mixed_net,
                          random_net)
 
 SHAPE = (1, 16, 16)
@@ -159,6 +160,41 @@ def test_attention_gates_leave_the_channels_they_gate_prunable(factory):
     gates = [m for m in pruned.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
     originals = [m for m in model.modules() if isinstance(m, nn.Conv1d) or getattr(m, "out_channels", 0) == 1]
     assert gates and [g.weight.shape for g in gates] == [o.weight.shape for o in originals]
+
+
+def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_wise_form_pruned(tmp_path):
+    """GCNet's code pools with x.view(n, 1, c, h * w) and a matrix product: Torch-Pruning reads
+    each view as a flatten, and its index lists multiplied until 17 GB of memory were gone.
+    It is refused with a clear message, in a child process held to 3 GB so that a
+    regression fails here instead of taking the machine. The same block written
+    channel-wise is pruned, its costs exact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "gcnet.py"
+    script.write_text(
+        "import resource, sys, time\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from autoprune.errors import AutopruneError\n"
+        "from autoprune.pruning import ChannelPruner\n"
+        "from tests.archs import gcnet_net\n"
+        "started = time.perf_counter()\n"
+        "try:\n"
+        "    ChannelPruner(gcnet_net(reference=True).eval(), (1, 16, 16))\n"
+        "except AutopruneError as exc:\n"
+        "    print('refused', round(time.perf_counter() - started), exc)\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused") and "x.view(n, 1, c, h * w)" in done.stdout
+    assert int(done.stdout.split()[1]) < 30  # seconds: refused, not ground through
+
+    model = gcnet_net().eval()
+    pruner = ChannelPruner(model, SHAPE)
+    assert {"stem.0", "blocks.0.body.0.0", "blocks.2.pointwise.0"} <= set(pruner.description.group_names)
+    check_exact(model, pruner, random_policy(pruner.description, random.Random(1)))
 
 
 def test_convnext_with_its_own_layer_norm_prunes_every_group():
