@@ -144,10 +144,11 @@ def _build_graph(model: nn.Module, example: torch.Tensor, channel_convs: dict | 
 
         handles = [m.register_forward_hook(hook) for m in convs]
     shapes = _OutputShapes()
+    pruners = {nn.LayerNorm: _LayerNormPruner()} if any(_pooled_norm(m) for m in model.modules()) else None
     try:
         with shapes:
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                          ignored_layers=convs)
+                                                          ignored_layers=convs, customized_pruners=pruners)
     finally:
         for h in handles:
             h.remove()
@@ -225,12 +226,43 @@ def _tp_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1
 
 
+def _pooled_norm(m: nn.Module) -> bool:
+    """A LayerNorm over (C, 1, ..., 1): over the channels of pooled maps, as in GCNet's
+    context block (Torch-Pruning's own pruner takes the last, size-1 dimension for them)."""
+    shape = tuple(getattr(m, "normalized_shape", ()))
+    return isinstance(m, nn.LayerNorm) and len(shape) > 1 and all(size == 1 for size in shape[1:])
+
+
+class _LayerNormPruner(tp.pruner.function.LayernormPruner):
+    """Torch-Pruning's LayerNorm pruner, except that a LayerNorm over (C, 1, ..., 1) is
+    pruned along C. Torch-Pruning looks pruners up by class, so this one stands in for
+    every LayerNorm of a model that has such a layer."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        if not _pooled_norm(layer):
+            return super().prune_out_channels(layer, idxs)
+        keep = sorted(set(range(layer.normalized_shape[0])) - {int(i) for i in idxs})
+        if layer.elementwise_affine:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            if layer.bias is not None:
+                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.normalized_shape = (len(keep), *layer.normalized_shape[1:])
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.normalized_shape[0] if _pooled_norm(layer) else super().get_out_channels(layer)
+
+    get_in_channels = get_out_channels
+
+
 def _norm_width(m: nn.Module) -> int:
     """Channels of a per-channel-parameter layer."""
     if isinstance(m, nn.GroupNorm):
         return m.num_channels
     if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[-1]
+        return m.normalized_shape[0 if _pooled_norm(m) else -1]
     if isinstance(m, nn.PReLU):
         return m.num_parameters
     return m.num_features
@@ -273,7 +305,7 @@ def _bounded_reshapes():
                 "the channels cannot be followed through the network's reshapes: one turns the channels into "
                 "another dimension and back (as GCNet's attention pooling does with x.view(n, 1, c, h * w) and a "
                 "matrix product); write that step channel-wise, e.g. (x * weights).sum((2, 3), keepdim=True) with "
-                "softmax weights of shape (n, 1, h, w), and a LayerNorm over (C, 1, 1) as GroupNorm(1, C)")
+                "softmax weights of shape (n, 1, h, w)")
         return original(self, idxs)
 
     mapping.__call__ = bounded
@@ -289,7 +321,7 @@ def _prunable_member(name: str, m: nn.Module) -> bool:
         # groups == out_channels < in_channels: Torch-Pruning takes it for depthwise and
         # would remove one input per output, so the group it sits in stays whole
         return not (_tp_depthwise(m) and m.in_channels != m.out_channels)
-    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) > 1 and m.elementwise_affine:
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) > 1 and m.elementwise_affine and not _pooled_norm(m):
         raise AutopruneError(f"layer {name} (LayerNorm over {tuple(m.normalized_shape)}) normalises several "
                              "dimensions; only a LayerNorm over the channel dimension can be pruned (use GroupNorm(1, C) "
                              "for a LayerNorm over channels, height and width)")

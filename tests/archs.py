@@ -5,7 +5,8 @@ the zoo: these blocks are the shapes users bring (concatenated branches, grouped
 depthwise convolutions, squeeze-excitation, flatten into linear heads, normalisation
 other than BatchNorm, assorted activations, ConvNeXt's channels-last blocks with layer
 scale and its reference code's own LayerNorm, efficient channel attention's Conv1d along
-the channels, CBAM's attention over the channels and over the positions).
+the channels, CBAM's attention over the channels and over the positions, GCNet's context
+block).
 `random_net(seed)` draws a network from them for the property tests.
 """
 
@@ -378,17 +379,16 @@ def convnext_own_norm_net(in_channels: int = 1) -> Net:
 
 class GlobalContext(nn.Module):
     """GCNet's context block (Cao et al. 2019): attention pooling (a one-channel 1×1 convolution,
-    softmax over the positions), then a bottleneck transform between two 1×1 convolutions,
-    added to every position. `reference`: pooled as the paper's code does (x.view(n, 1, c,
-    h * w), a matrix product, a view back) with a LayerNorm over (C/r, 1, 1); otherwise
-    channel-wise ((x * weights).sum) with GroupNorm(1, C/r), the same function."""
+    softmax over the positions), then a bottleneck transform (1×1 convolution, LayerNorm over
+    (C/r, 1, 1), ReLU, 1×1 convolution), added to every position. `reference`: pooled as the
+    paper's code does (x.view(n, 1, c, h * w), a matrix product, a view back); otherwise
+    channel-wise ((x * weights).sum), the same function."""
 
     def __init__(self, channels: int, ratio: float = 0.25, reference: bool = False):
         super().__init__()
         hidden, self.reference = max(2, int(channels * ratio)), reference
         self.mask = nn.Conv2d(channels, 1, 1)
-        normal = nn.LayerNorm([hidden, 1, 1]) if reference else nn.GroupNorm(1, hidden)
-        self.transform = nn.Sequential(nn.Conv2d(channels, hidden, 1), normal, nn.ReLU(),
+        self.transform = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(),
                                        nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x):
@@ -447,7 +447,13 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
             width, downs = out, downs + 1
         else:
             blocks.append(ResidualBlock(width, norm_kind, act))
-    return Net(stem, blocks, width, rng.choice(["pool", "mlp", "flatten"]), 2, act=act)
+    head = rng.choice(["pool", "mlp", "flatten"])
+    # GCNet's block (channel-wise) at the end of a third of the nets, drawn from a stream of its
+    # own so that the draws above stay what they were for every seed
+    extra = random.Random(seed ^ 0x6C0)
+    if extra.random() < 1 / 3:
+        blocks.append(GlobalContext(width, extra.choice([0.25, 0.5])))
+    return Net(stem, blocks, width, head, 2, act=act)
 
 
 def mixed_net(in_channels: int = 1) -> Net:

@@ -167,7 +167,9 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
     each view as a flatten, and its index lists multiplied until 17 GB of memory were gone.
     It is refused with a clear message, in a child process held to 3 GB so that a
     regression fails here instead of taking the machine. The same block written
-    channel-wise is pruned, its costs exact."""
+    channel-wise is pruned, its costs exact, the bottleneck behind its LayerNorm over
+    (C/r, 1, 1) too (Torch-Pruning's own pruner would cut that LayerNorm's last, size-1
+    dimension)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -193,8 +195,14 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
 
     model = gcnet_net().eval()
     pruner = ChannelPruner(model, SHAPE)
-    assert {"stem.0", "blocks.0.body.0.0", "blocks.2.pointwise.0"} <= set(pruner.description.group_names)
-    check_exact(model, pruner, random_policy(pruner.description, random.Random(1)))
+    assert pruner.description.group_names == describe_network(model, SHAPE).group_names  # none kept whole
+    assert {"stem.0", "blocks.0.body.0.0", "blocks.1.transform.0", "blocks.2.pointwise.0",
+            "blocks.3.transform.0"} <= set(pruner.description.group_names)
+    pruned = check_exact(model, pruner, random_policy(pruner.description, random.Random(1)))
+    transforms = [m.transform for m in pruned.modules() if hasattr(m, "transform")]
+    assert len(transforms) == 2
+    for conv, norm, _, _ in transforms:
+        assert norm.normalized_shape == tuple(norm.weight.shape) == (conv.out_channels, 1, 1)
 
 
 def test_convnext_with_its_own_layer_norm_prunes_every_group():
