@@ -284,23 +284,26 @@ def _channel_groups(m: nn.Module) -> int:
     return 1
 
 
-# the most channel indices one reshape may hand on (a flatten of its channels into features):
-# far above any flatten into a classifier, far below what exhausts memory
+# the most channel indices one reshape may hand on, unless a linear layer of the model takes more
+# inputs (a flatten into it hands on at most that many): lists twice this long already took 22 s
+# before GCNet's block was refused
 INDEX_LIMIT = 1 << 18
 
 
 @contextmanager
-def _bounded_reshapes():
-    """While grouping, stop Torch-Pruning's index mapping through a reshape at INDEX_LIMIT
-    indices. Where a network reshapes maps so that the channels become another dimension
-    and back (GCNet's attention pooling: x.view(n, 1, c, h * w), a matrix product,
-    .view(n, c, 1, 1)), Torch-Pruning reads a flatten into h * w times the channels each
-    time, and the index lists multiplied until memory ran out (17 GB on one small net)."""
+def _bounded_reshapes(model: nn.Module):
+    """While grouping, stop Torch-Pruning's index mapping through a reshape at more indices
+    than INDEX_LIMIT and than any linear layer of `model` has inputs. Where a network
+    reshapes maps so that the channels become another dimension and back (GCNet's attention
+    pooling: x.view(n, 1, c, h * w), a matrix product, .view(n, c, 1, 1)), Torch-Pruning
+    reads a flatten into h * w times the channels each time, and the index lists
+    multiplied until memory ran out (17 GB on one small net)."""
+    limit = max([INDEX_LIMIT] + [m.in_features for m in model.modules() if isinstance(m, nn.Linear)])
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
     original = mapping.__call__
 
     def bounded(self, idxs):
-        if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
+        if not self.reverse and len(idxs) * self._stride > limit:
             raise AutopruneError(
                 "the channels cannot be followed through the network's reshapes: one turns the channels into "
                 "another dimension and back (as GCNet's attention pooling does with x.view(n, 1, c, h * w) and a "
@@ -491,7 +494,7 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         return order.get(name, 1 << 30)
 
     raw = []
-    with _bounded_reshapes():
+    with _bounded_reshapes(model):
         groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=_CONV + _LINEAR))
     for group in groups:
         root = group[0].dep.target.module

@@ -10,9 +10,9 @@ in a fresh process against the unpruned one (PAIR_TIMINGS times, the median coun
 one timing under load once put a network that measures 50.0 % at 52.5 %), and while it
 lies outside the window [budget - WINDOW, budget] (WINDOW of the unpruned network's
 latency) scales every group's kept channels by one factor, chosen on the table corrected
-by the last measurement, and times again. A searcher that can make its own network at other sizes
-(Torch-Pruning's global pruning, at other global ratios) is fitted along that family
-instead, so that its network may grow as well as shrink and stays its own.
+by the last measurement, and times again. A searcher that can make its own network at
+other sizes (Torch-Pruning's global pruning, at other global ratios) is fitted along that
+family instead, so that its network may grow as well as shrink and stays its own.
 
 Only on the CPU the LUT was measured on (elsewhere the table is all there is). The
 network found is written to the run's state before fine-tuning, so a resumed run
@@ -102,9 +102,9 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
     `largest`) a family of the searcher's own, `plan_for(factor)` for factors up to
     `largest` (`plan_for(1)` being `kept`); `build(plan)` makes the network of one, which is
     timed against the unpruned one `timings_per_plan` times and judged by the timing with
-    the median share of the limit (`median_timing`). `grow`
-    allows plans larger than `kept` (False when the network is the search's own and can
-    only lose channels; ignored with `sizes`). Returns (`kept` unchanged, a record saying why)
+    the median share of the limit (`median_timing`). `grow` allows plans larger than
+    `kept` (False when the network is the search's own and can only lose channels; ignored
+    with `sizes`). Returns (`kept` unchanged, a record saying why)
     when there is nothing to fit: not a latency budget, or a LUT from another CPU. With
     `state_dir` the result is kept in FIT_FILE there and read back on the next call.
     """

@@ -183,7 +183,7 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
         "from tests.archs import gcnet_net\n"
         "started = time.perf_counter()\n"
         "try:\n"
-        "    ChannelPruner(gcnet_net(reference=True).eval(), (1, 16, 16))\n"
+        "    ChannelPruner(gcnet_net(reference=True).eval(), (1, 32, 32))\n"
         "except AutopruneError as exc:\n"
         "    print('refused', round(time.perf_counter() - started), exc)\n")
     root = Path(__file__).resolve().parents[2]
@@ -203,6 +203,19 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
     assert len(transforms) == 2
     for conv, norm, _, _ in transforms:
         assert norm.normalized_shape == tuple(norm.weight.shape) == (conv.out_channels, 1, 1)
+
+
+def test_a_flatten_into_a_linear_layer_with_more_inputs_than_the_reshape_bound_is_pruned(monkeypatch):
+    """The bound on indices through a reshape (GCNet's guard) is at least the inputs of the
+    model's largest linear layer: a plain flatten into it is not mistaken for a blow-up."""
+    from autoprune import pruning
+
+    monkeypatch.setattr(pruning, "INDEX_LIMIT", 1000)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()  # 1,024 inputs
+    pruner = ChannelPruner(model, SHAPE)
+    assert pruner.description.group_names == ["0", "2"]
+    check_exact(model, pruner, uniform_policy(pruner.description, 0.5))
 
 
 def test_convnext_with_its_own_layer_norm_prunes_every_group():
