@@ -13,8 +13,8 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, gcnet_net, mixed_net,
-                         random_net)
+from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, gcnet_net,
+                         mixed_net, random_net)
 
 SHAPE = (1, 16, 16)
 
@@ -176,7 +176,7 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
 
     script = tmp_path / "gcnet.py"
     script.write_text(
-        "import resource, sys, time\n"
+        "import resource, time\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
         "from autoprune.errors import AutopruneError\n"
         "from autoprune.pruning import ChannelPruner\n"
@@ -191,7 +191,7 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("refused") and "x.view(n, 1, c, h * w)" in done.stdout
-    assert int(done.stdout.split()[1]) < 30  # seconds: refused, not ground through
+    assert int(done.stdout.split()[1]) < 15  # seconds: refused, not ground through (0.3 s here)
 
     model = gcnet_net().eval()
     pruner = ChannelPruner(model, SHAPE)
