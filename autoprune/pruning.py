@@ -561,7 +561,10 @@ def describe_network(model: nn.Module, input_shape: tuple[int, int, int]) -> Net
         # Torch-Pruning, which then prunes a network derived from it wrongly: keep two
         grouped = any(outputs and _channel_groups(members[name]) > 1 and isinstance(members[name], _CONV)
                       for name, outputs in sides)
-        min_keep = max(max(1, len(segments)) * multiple, 2 * multiple if grouped else 1)
+        # a GroupNorm on 1×1 maps (after pooling) cannot normalise one channel per group: keep two
+        pooled = any(isinstance(members[name], nn.GroupNorm) and trace.in_size.get(name) == (1, 1)
+                     for name, _ in sides)
+        min_keep = max(max(1, len(segments)) * multiple, 2 * multiple if grouped or pooled else 1)
         groups[gname] = GroupSpec(name=gname, channels=channels, producers=tuple(producers),
                                   consumers=tuple(consumers), root=root, multiple=multiple,
                                   min_keep=min(channels, min_keep), classes=classes,

@@ -382,13 +382,15 @@ class GlobalContext(nn.Module):
     softmax over the positions), then a bottleneck transform (1×1 convolution, LayerNorm over
     (C/r, 1, 1), ReLU, 1×1 convolution), added to every position. `reference`: pooled as the
     paper's code does (x.view(n, 1, c, h * w), a matrix product, a view back); otherwise
-    channel-wise ((x * weights).sum), the same function."""
+    channel-wise ((x * weights).sum), the same function. `group_norm`: GroupNorm(1, C/r) in
+    place of the LayerNorm."""
 
-    def __init__(self, channels: int, ratio: float = 0.25, reference: bool = False):
+    def __init__(self, channels: int, ratio: float = 0.25, reference: bool = False, group_norm: bool = False):
         super().__init__()
         hidden, self.reference = max(2, int(channels * ratio)), reference
         self.mask = nn.Conv2d(channels, 1, 1)
-        self.transform = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(),
+        normal = nn.GroupNorm(1, hidden) if group_norm else nn.LayerNorm([hidden, 1, 1])  # the same function
+        self.transform = nn.Sequential(nn.Conv2d(channels, hidden, 1), normal, nn.ReLU(),
                                        nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x):
@@ -452,7 +454,7 @@ def random_net(seed: int, in_channels: int = 1) -> Net:
     # own so that the draws above stay what they were for every seed
     extra = random.Random(seed ^ 0x6C0)
     if extra.random() < 1 / 3:
-        blocks.append(GlobalContext(width, extra.choice([0.25, 0.5])))
+        blocks.append(GlobalContext(width, extra.choice([0.25, 0.5]), group_norm=extra.random() < 0.5))
     return Net(stem, blocks, width, head, 2, act=act)
 
 

@@ -13,8 +13,8 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import (FIXED, cbam_net, convnext_own_norm_net, counted_cost, eca_net, fire_net, gcnet_net,
-                         mixed_net, random_net)
+from tests.archs import (FIXED, GlobalContext, Net, cbam_net, conv_unit, convnext_own_norm_net, counted_cost,
+                         eca_net, fire_net, gcnet_net, mixed_net, random_net)
 
 SHAPE = (1, 16, 16)
 
@@ -203,6 +203,14 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
     assert len(transforms) == 2
     for conv, norm, _, _ in transforms:
         assert norm.normalized_shape == tuple(norm.weight.shape) == (conv.out_channels, 1, 1)
+    # with GroupNorm(1, C/r) on the pooled 1×1 maps the bottleneck keeps at least two channels
+    # (GroupNorm cannot normalise a single value), and is pruned down to them
+    model = Net(conv_unit(1, 16, 3), [GlobalContext(16, 0.5, group_norm=True)], 16, "pool", 1).eval()
+    pruner = ChannelPruner(model, SHAPE)
+    assert "blocks.0.transform.0" in pruner.description.group_names
+    assert pruner.description.group("blocks.0.transform.0").min_keep == 2
+    pruned = check_exact(model, pruner, {g.name: 1e-9 for g in pruner.description.groups})
+    assert pruned.blocks[0].transform[0].out_channels == 2
 
 
 def test_a_flatten_into_a_linear_layer_with_more_inputs_than_the_reshape_bound_is_pruned(monkeypatch):

@@ -430,6 +430,7 @@ def test_search_with_a_baseline_agent_writes_a_complete_run_directory(checkpoint
     config = json.loads((out / "config.json").read_text())
     assert metrics["agent"] == config["agent"] == agent and config["criterion"] == "l1"
     assert metrics["flops_ratio"] <= 0.6 and metrics["measured_latency_ms"] > 0
+    assert len(metrics["measured_latency_timings"]) == 1  # timed once: the budget is not a latency
     assert json.loads((out / "best_policy.json").read_text())["policy"] == metrics["policy"]
     rows = (out / "history.csv").read_text().strip().splitlines()[1:]
     assert len(rows) == {"uniform": 1, "random": 3, "sensitivity": 12}[agent]
