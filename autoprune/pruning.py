@@ -728,22 +728,29 @@ class ChannelPruner:
     def _check_groups(self) -> None:
         """Prune every group to its minimum once and compare with the prediction; a group that
         Torch-Pruning cannot remove consistently (the network breaks, or the count differs)
-        is kept whole, and the log says which."""
+        is kept whole, and the log says which and why."""
+        why: dict[str, str] = {}
+
         def works(names: list[str]) -> bool:
             policy = {name: 1e-9 for name in names}
             try:
                 pruned = self.prune(policy)
-            except AutopruneError:
+            except AutopruneError as exc:
+                why[",".join(names)] = str(exc)
                 return False
             predicted = policy_cost(self.description, policy, self.channel_multiple)
-            return count_cost(describe_network(pruned, self.input_shape)) == predicted
+            counted = count_cost(describe_network(pruned, self.input_shape))
+            why[",".join(names)] = (f"pruned, it counts {counted.flops} FLOPs and {counted.params} parameters "
+                                    f"against {predicted.flops} and {predicted.params} predicted")
+            return counted == predicted
 
         names = self.description.group_names
         if works(names):
             return
         broken = {name for name in names if not works([name])}
         for name in sorted(broken):
-            log.warning("group %s is kept whole: Torch-Pruning cannot prune it consistently in this model", name)
+            log.warning("group %s is kept whole: Torch-Pruning cannot prune it consistently in this model (%s)",
+                        name, why[name])
         self.description = self.description.without_groups(broken)
         self.scores = {name: s for name, s in self.scores.items() if name not in broken}
         if not self.description.groups:

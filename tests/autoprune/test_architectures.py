@@ -213,6 +213,15 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
     assert pruned.blocks[0].transform[0].out_channels == 2
 
 
+def test_a_group_kept_whole_is_logged_with_the_reason(caplog):
+    """The pruner's own check says why it keeps a group whole: here, the counts it found on
+    the pruned network against the prediction."""
+    with caplog.at_level("WARNING", logger="autoprune.pruning"):
+        ChannelPruner(random_net(12, 3).eval(), (3, 16, 16))  # Torch-Pruning's count differs in one group
+    kept = [r.getMessage() for r in caplog.records if "kept whole" in r.getMessage()]
+    assert kept and all("FLOPs and" in line and "predicted)" in line for line in kept)
+
+
 def test_a_flatten_into_a_linear_layer_with_more_inputs_than_the_reshape_bound_is_pruned(monkeypatch):
     """The bound on indices through a reshape (GCNet's guard) is at least the inputs of the
     model's largest linear layer: a plain flatten into it is not mistaken for a blow-up."""
