@@ -7,7 +7,7 @@ longer at the uneven policies NetAdapt and DDPG chose, so a table calibrated on 
 networks still under-predicted those by 5-16 % and they missed a 50 % budget by up to
 7 points. A search ranks policies by the table; the finish then times the chosen network
 in a fresh process against the unpruned one (PAIR_TIMINGS times, the median counting:
-one timing under load once put a network that measures 50.0 % at 52.5 %), and while it
+one timing under load once put a network quietly at 50.0-51.6 % at 52.5 %), and while it
 lies outside the window [budget - WINDOW, budget] (WINDOW of the unpruned network's
 latency) scales every group's kept channels by one factor, chosen on the table corrected
 by the last measurement, and times again. A searcher that can make its own network at
