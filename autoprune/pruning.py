@@ -729,28 +729,27 @@ class ChannelPruner:
         """Prune every group to its minimum once and compare with the prediction; a group that
         Torch-Pruning cannot remove consistently (the network breaks, or the count differs)
         is kept whole, and the log says which and why."""
-        why: dict[str, str] = {}
-
-        def works(names: list[str]) -> bool:
+        def problem(names: list[str]) -> str | None:
+            """What goes wrong when these groups are pruned to their minimum; None: nothing."""
             policy = {name: 1e-9 for name in names}
             try:
                 pruned = self.prune(policy)
             except AutopruneError as exc:
-                why[",".join(names)] = str(exc)
-                return False
+                return str(exc)
             predicted = policy_cost(self.description, policy, self.channel_multiple)
             counted = count_cost(describe_network(pruned, self.input_shape))
-            why[",".join(names)] = (f"pruned, it counts {counted.flops} FLOPs and {counted.params} parameters "
-                                    f"against {predicted.flops} and {predicted.params} predicted")
-            return counted == predicted
+            if counted == predicted:
+                return None
+            return (f"pruned, it counts {counted.flops} FLOPs and {counted.params} parameters against "
+                    f"{predicted.flops} and {predicted.params} predicted")
 
         names = self.description.group_names
-        if works(names):
+        if problem(names) is None:
             return
-        broken = {name for name in names if not works([name])}
+        broken = {name: reason for name in names if (reason := problem([name])) is not None}
         for name in sorted(broken):
             log.warning("group %s is kept whole: Torch-Pruning cannot prune it consistently in this model (%s)",
-                        name, why[name])
+                        name, broken[name])
         self.description = self.description.without_groups(broken)
         self.scores = {name: s for name, s in self.scores.items() if name not in broken}
         if not self.description.groups:

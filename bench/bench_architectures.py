@@ -127,9 +127,10 @@ def main() -> int:
         "",
         f"Random networks (tests/archs.py `random_net`, seeds 0-{args.seeds - 1}; two to four blocks of residual, "
         "concatenating (half with squeeze-excitation), ResNeXt, depthwise-separable, ConvNeXt (layer scale, "
-        "channels-last linear layers, half with the reference code's own LayerNorm), per-channel-scaled residual, ECA-gated and CBAM-gated residual kinds, "
-        "with a random norm among BatchNorm, GroupNorm, InstanceNorm, GroupNorm(1) and none, a random activation "
-        "and head, and GCNet's context block written channel-wise at the end of a third of them): "
+        "channels-last linear layers, half with the reference code's own LayerNorm), per-channel-scaled "
+        "residual, ECA-gated and CBAM-gated residual kinds, with a random norm among BatchNorm, GroupNorm, "
+        "InstanceNorm, GroupNorm(1) and none, a random activation and head, and GCNet's context block written "
+        "channel-wise at the end of a third of them): "
         f"{exact} of {checked} random policies predicted exactly, {len(failures)} failures, {groups} prunable "
         f"groups in all, {whole.count} kept whole by the pruner's own check; {seconds:.0f} s.",
     ]

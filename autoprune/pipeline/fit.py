@@ -94,14 +94,13 @@ def _next_target(steps: list[dict], aim: float) -> float:
 def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build: Callable[[dict[str, int]], nn.Module],
                          base_model: nn.Module, input_shape: tuple[int, int, int], *, grow: bool,
                          sizes: tuple[Callable[[float], dict[str, int]], float] | None = None,
-                         state_dir=None, worker: LatencyWorker | None = None,
-                         timings_per_plan: int = PAIR_TIMINGS) -> tuple[dict[str, int], dict]:
+                         state_dir=None, worker: LatencyWorker | None = None) -> tuple[dict[str, int], dict]:
     """The channel plan that meets a latency budget as measured on this machine, and a record.
 
     The plans tried are `scaled_channels(kept, factor)`, or with `sizes` = (`plan_for`,
     `largest`) a family of the searcher's own, `plan_for(factor)` for factors up to
     `largest` (`plan_for(1)` being `kept`); `build(plan)` makes the network of one, which is
-    timed against the unpruned one `timings_per_plan` times and judged by the timing with
+    timed against the unpruned one PAIR_TIMINGS times and judged by the timing with
     the median share of the limit (`median_timing`). `grow` allows plans larger than
     `kept` (False when the network is the search's own and can only lose channels; ignored
     with `sizes`). Returns (`kept` unchanged, a record saying why)
@@ -154,7 +153,7 @@ def fit_measured_latency(constraint: Constraint, kept: Mapping[str, int], build:
         plan, factor = dict(kept), 1.0
         for round_index in range(ROUNDS + 1):
             network = build(plan)
-            timings = [[float(v) for v in worker([base_model, network])] for _ in range(timings_per_plan)]
+            timings = [[float(v) for v in worker([base_model, network])] for _ in range(PAIR_TIMINGS)]
             base_ms, ms = median_timing(timings, key=lambda pair: pair[1] / budget.limit(pair[0]))
             limit = budget.limit(base_ms)
             low = limit - WINDOW * base_ms
