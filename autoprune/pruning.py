@@ -147,7 +147,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor, channel_convs: dict | 
     pruners = {nn.LayerNorm: _LayerNormPruner()} if any(_pooled_norm(m) for m in model.modules()) else None
     try:
         with shapes:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example,), verbose=False,
                                                           ignored_layers=convs, customized_pruners=pruners)
     finally:
         for h in handles:
