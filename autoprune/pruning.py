@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -290,20 +291,20 @@ def _channel_groups(m: nn.Module) -> int:
 INDEX_LIMIT = 1 << 18
 
 
-@contextmanager
-def _bounded_reshapes(model: nn.Module):
-    """While grouping, stop Torch-Pruning's index mapping through a reshape at more indices
-    than INDEX_LIMIT and than any linear layer of `model` has inputs. Where a network
-    reshapes maps so that the channels become another dimension and back (GCNet's attention
-    pooling: x.view(n, 1, c, h * w), a matrix product, .view(n, c, 1, 1)), Torch-Pruning
-    reads a flatten into h * w times the channels each time, and the index lists
-    multiplied until memory ran out (17 GB on one small net)."""
-    limit = max([INDEX_LIMIT] + [m.in_features for m in model.modules() if isinstance(m, nn.Linear)])
+_reshape_bound = threading.local()  # the bound of the grouping running in this thread (None: none)
+
+
+def _bound_flatten_mapping() -> None:
+    """Wrap Torch-Pruning's index mapping through a flatten, once per process, so that it
+    checks the bound `_bounded_reshapes` set in the calling thread (and nothing elsewhere)."""
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    if getattr(mapping.__call__, "_autoprune_bounded", False):
+        return
     original = mapping.__call__
 
     def bounded(self, idxs):
-        if not self.reverse and len(idxs) * self._stride > limit:
+        limit = getattr(_reshape_bound, "limit", None)
+        if limit is not None and not self.reverse and len(idxs) * self._stride > limit:
             raise AutopruneError(
                 "the channels cannot be followed through the network's reshapes: one turns the channels into "
                 "another dimension and back (as GCNet's attention pooling does with x.view(n, 1, c, h * w) and a "
@@ -311,11 +312,26 @@ def _bounded_reshapes(model: nn.Module):
                 "softmax weights of shape (n, 1, h, w)")
         return original(self, idxs)
 
+    bounded._autoprune_bounded = True
     mapping.__call__ = bounded
+
+
+@contextmanager
+def _bounded_reshapes(model: nn.Module):
+    """While grouping in this thread, stop Torch-Pruning's index mapping through a reshape at
+    more indices than INDEX_LIMIT and than any linear layer of `model` has inputs. Where a
+    network reshapes maps so that the channels become another dimension and back (GCNet's
+    attention pooling: x.view(n, 1, c, h * w), a matrix product, .view(n, c, 1, 1)),
+    Torch-Pruning reads a flatten into h * w times the channels each time, and the index
+    lists multiplied until memory ran out (17 GB on one small net). Each thread has its own
+    bound, so that networks described side by side do not see each other's."""
+    _bound_flatten_mapping()
+    previous = getattr(_reshape_bound, "limit", None)
+    _reshape_bound.limit = max([INDEX_LIMIT] + [m.in_features for m in model.modules() if isinstance(m, nn.Linear)])
     try:
         yield
     finally:
-        mapping.__call__ = original
+        _reshape_bound.limit = previous
 
 
 def _prunable_member(name: str, m: nn.Module) -> bool:

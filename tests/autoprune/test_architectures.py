@@ -272,6 +272,33 @@ def test_a_flatten_into_a_linear_layer_with_more_inputs_than_the_reshape_bound_i
     check_exact(model, pruner, uniform_policy(pruner.description, 0.5))
 
 
+def test_the_reshape_bound_of_one_thread_does_not_reach_another(monkeypatch):
+    """Two networks described side by side keep their own bounds: a small one held open in
+    another thread (bound 1,000) does not refuse a flatten into 1,024 inputs here."""
+    import threading
+
+    from autoprune import pruning
+
+    monkeypatch.setattr(pruning, "INDEX_LIMIT", 1000)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pruning._bounded_reshapes(nn.Sequential(nn.Conv2d(1, 4, 3))):
+            entered.set()
+            release.wait(30)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert entered.wait(30)
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+        assert ChannelPruner(model, SHAPE).description.group_names == ["0", "2"]
+    finally:
+        release.set()
+        other.join(30)
+
+
 def test_convnext_with_its_own_layer_norm_prunes_every_group():
     """The reference code's LayerNorm normalises by hand over dim 1 (Torch-Pruning takes the
     mean for a channel-for-channel step) and keeps its width in `normalized_shape` (which
