@@ -267,7 +267,9 @@ class ChannelPruningEnv(gym.Env):
                 low = mid
             else:
                 high = mid
-        return kept(low)[self.groups[t].name]
+        # nothing fits, not even every later group at its floor (a latency table that is not
+        # monotone everywhere can leave an episode there): the fewest channels
+        return kept(max(low, 1e-9))[self.groups[t].name]
 
     def action_to_count(self, t: int, action: float) -> int:
         """The channel count an action gives group t (see Action Space)."""

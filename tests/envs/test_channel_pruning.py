@@ -163,6 +163,19 @@ def test_feasible_mapping_spends_the_whole_action_range_between_the_bounds(evalu
         ChannelPruningEnv(evaluator, parse_budget("50%flops"), action_mapping="sideways")
 
 
+def test_centred_mapping_where_the_budget_no_longer_holds_takes_the_fewest_channels(evaluator, formula_lut):
+    """A latency table that is not monotone can leave an episode where even every later group
+    at its floor misses the budget; the centred mapping's centre is then the group's floor
+    instead of an error (a search stopped on "keep ratio 0.0 is outside (0, 1]")."""
+    env = ChannelPruningEnv(evaluator, parse_budget("45%latency"), lut=formula_lut, lower_bound=0.1,
+                            action_mapping="centred")
+    env.reset(seed=0)
+    env.constraint.fits = lambda kept: False
+    low, high = env.count_range(0)
+    assert env.even_count(0) == low == env._floor[0]
+    assert env.action_to_count(0, 0.0) == low and env.action_to_count(0, 1.0) == high
+
+
 @pytest.mark.parametrize("budget", ["50%flops", "45%latency"])
 def test_centred_mapping_puts_action_zero_at_the_uniform_policy(evaluator, formula_lut, budget):
     from autoprune.budgets import Constraint
