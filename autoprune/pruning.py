@@ -154,6 +154,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor, channel_convs: dict | 
         for h in handles:
             h.remove()
     _cut_channel_free_steps(graph, shapes.by_node)
+    _place_concatenated_channels(graph, shapes.by_node)
     return graph
 
 
@@ -216,6 +217,69 @@ def _cut_channel_free_steps(graph, shapes: Mapping) -> None:
                 dependency.index_mapping = [None, None]
         tp.dependency.shape_infer.init_shape_information(graph)
         tp.dependency.index_mapping.update_index_mapping(graph)
+
+
+def _place_concatenated_channels(graph, shapes: Mapping) -> None:
+    """Record, for a concatenation along the channels that Torch-Pruning left without, how
+    many channels each input brings. It checks a concatenation's channel count against the
+    next layer's inputs, and a flatten into a linear layer there (h * w features per channel)
+    fails that check; without the counts it removed the same indices from every branch, and
+    the pruned network no longer ran. The counts come from the shapes the forward pass
+    recorded; Torch-Pruning keeps them up to date as it prunes."""
+    _follow_placed_concatenations()
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.CONCAT or node.module.offsets is not None or node.grad_fn is None:
+            continue
+        out = shapes.get(node.grad_fn)
+        dim = getattr(node.grad_fn, "_saved_dim", None)
+        if out is None or len(out) < 2 or dim is None or dim % len(out) != 1:
+            continue
+        sizes = [shapes.get(source.grad_fn) for source in node.inputs]
+        if any(size is None or len(size) != len(out) for size in sizes) or sum(s[1] for s in sizes) != out[1]:
+            continue
+        node.module.concat_sizes = [s[1] for s in sizes]
+        node.module.autoprune_placed = True
+    _map_placed_concatenations(graph)
+
+
+def _map_placed_concatenations(graph) -> None:
+    """Map each input's channels to their place in a concatenation `_place_concatenated_channels`
+    recorded, from its current counts (after every pruning step, like Torch-Pruning's own)."""
+    mapping = tp.dependency.index_mapping
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.CONCAT or not getattr(node.module, "autoprune_placed", False):
+            continue
+        offsets = [0]
+        for size in node.module.concat_sizes:
+            offsets.append(offsets[-1] + size)
+        node.module.offsets = offsets
+        if not node.enable_index_mapping:
+            continue
+        for i, source in enumerate(node.inputs):
+            for dependency in node.dependencies:
+                if dependency.target is source:
+                    dependency.index_mapping[1] = mapping._ConcatIndexMapping(offset=offsets[i:i + 2], reverse=True)
+                    break
+            for dependency in source.dependencies:
+                if dependency.target is node:
+                    dependency.index_mapping[1] = mapping._ConcatIndexMapping(offset=offsets[i:i + 2], reverse=False)
+                    break
+
+
+def _follow_placed_concatenations() -> None:
+    """Once per process: after Torch-Pruning updates a graph's index mappings (it does before
+    every group it lists), update those of the concatenations autoprune placed."""
+    module = tp.dependency.index_mapping
+    if getattr(module.update_index_mapping, "autoprune_follows", False):
+        return
+    original = module.update_index_mapping
+
+    def update(graph):
+        original(graph)
+        _map_placed_concatenations(graph)
+
+    update.autoprune_follows = True
+    module.update_index_mapping = update
 
 
 def _example(input_shape: tuple[int, int, int]) -> torch.Tensor:

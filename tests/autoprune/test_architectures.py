@@ -251,12 +251,52 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
     assert pruned.blocks[0].transform[0].out_channels == 2
 
 
-def test_a_group_kept_whole_is_logged_with_the_reason(caplog):
-    """The pruner's own check says why it keeps a group whole: here, the pruned network's error."""
+def test_a_group_kept_whole_is_logged_with_the_reason(caplog, monkeypatch):
+    """The pruner's own check says why it keeps a group whole: here, the pruned network's
+    error (a stand-in: Torch-Pruning's cut of the stem group is made to fail)."""
+    from autoprune import pruning
+    from autoprune.errors import AutopruneError
+
+    model = random_net(0).eval()
+    root = describe_network(model, SHAPE).group("stem.0").root or "stem.0"
+    original = pruning.remove_channels
+
+    def failing(model, input_shape, removals):
+        if removals.get(root):
+            raise AutopruneError("the pruned network no longer runs (a stand-in failure)")
+        return original(model, input_shape, removals)
+
+    monkeypatch.setattr(pruning, "remove_channels", failing)
     with caplog.at_level("WARNING", logger="autoprune.pruning"):
-        ChannelPruner(random_net(264).eval(), SHAPE)  # Torch-Pruning's cut of its stem group breaks the network
+        pruner = ChannelPruner(model, SHAPE)
     kept = [r.getMessage() for r in caplog.records if "kept whole" in r.getMessage()]
-    assert kept and all("no longer runs (The size of tensor" in line for line in kept)
+    assert "stem.0" not in pruner.description.group_names and pruner.groups
+    assert len(kept) == 1 and "group stem.0 is kept whole" in kept[0] and "(a stand-in failure)" in kept[0]
+
+
+class _Concatenation(nn.Module):
+    """Two branches of 10 and 6 maps, concatenated (and added to the input, with `add`)."""
+
+    def __init__(self, add: bool):
+        super().__init__()
+        self.a, self.b, self.add = conv_unit(16, 10, 3), conv_unit(16, 6, 1), add
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return x + y if self.add else y
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_a_concatenation_flattened_into_a_linear_layer_is_pruned_branch_by_branch(add):
+    """Torch-Pruning checks a concatenation's channels against the next layer's inputs; a
+    flatten into a linear layer (four features per channel here) failed that check, and the
+    branches were cut at the same indices: the group broke the network and was kept whole."""
+    torch.manual_seed(0)
+    model = Net(conv_unit(1, 16, 3), [_Concatenation(add)], 16, "flatten", 2).eval()
+    pruner = ChannelPruner(model, SHAPE)
+    expected = {"stem.0"} if add else {"stem.0", "blocks.0.a.0", "blocks.0.b.0"}
+    assert expected <= set(pruner.description.group_names)
+    check_architecture(model, seed=0, policies=4)
 
 
 def test_a_flatten_into_a_linear_layer_with_more_inputs_than_the_reshape_bound_is_pruned(monkeypatch):
