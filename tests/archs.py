@@ -530,3 +530,20 @@ def counted_cost(model: nn.Module, shape: tuple[int, int, int]) -> tuple[int, in
     _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *shape), layer_wise=True)
     flops = sum(v for m, v in layer_flops.items() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and v)
     return int(flops) + transposed_count(model, shape), sum(p.numel() for p in model.parameters())
+
+
+def fail_cuts_of(monkeypatch, model: nn.Module, shape: tuple[int, int, int], group: str) -> None:
+    """Make Torch-Pruning's cut of `group` in `model` fail, as a network it cannot prune
+    consistently does: the pruned network "no longer runs (a stand-in failure)"."""
+    from autoprune import pruning
+    from autoprune.errors import AutopruneError
+
+    root = pruning.describe_network(model, shape).group(group).root or group
+    original = pruning.remove_channels
+
+    def failing(network, input_shape, removals):
+        if removals.get(root):
+            raise AutopruneError("the pruned network no longer runs (a stand-in failure)")
+        return original(network, input_shape, removals)
+
+    monkeypatch.setattr(pruning, "remove_channels", failing)

@@ -13,8 +13,8 @@ from autoprune.evaluation import EvaluatorConfig, PolicyEvaluator
 from autoprune.pipeline.finish import _staged_prune, _widths
 from autoprune.pruning import ChannelPruner, describe_network, global_magnitude_prune
 from autoprune.train import TrainConfig
-from tests.archs import (ECA, FIXED, GlobalContext, Net, ScaledResidual, cbam_net, conv_unit, convnext_own_norm_net, counted_cost,
-                         eca_net, fire_net, gcnet_net, mixed_net, random_net)
+from tests.archs import (ECA, FIXED, GlobalContext, Net, ScaledResidual, cbam_net, conv_unit, convnext_own_norm_net,
+                         counted_cost, eca_net, fail_cuts_of, fire_net, gcnet_net, mixed_net, random_net)
 
 SHAPE = (1, 16, 16)
 
@@ -254,19 +254,8 @@ def test_gcnet_s_reshaped_attention_pooling_is_refused_at_once_and_its_channel_w
 def test_a_group_kept_whole_is_logged_with_the_reason(caplog, monkeypatch):
     """The pruner's own check says why it keeps a group whole: here, the pruned network's
     error (a stand-in: Torch-Pruning's cut of the stem group is made to fail)."""
-    from autoprune import pruning
-    from autoprune.errors import AutopruneError
-
     model = random_net(0).eval()
-    root = describe_network(model, SHAPE).group("stem.0").root or "stem.0"
-    original = pruning.remove_channels
-
-    def failing(model, input_shape, removals):
-        if removals.get(root):
-            raise AutopruneError("the pruned network no longer runs (a stand-in failure)")
-        return original(model, input_shape, removals)
-
-    monkeypatch.setattr(pruning, "remove_channels", failing)
+    fail_cuts_of(monkeypatch, model, SHAPE, "stem.0")
     with caplog.at_level("WARNING", logger="autoprune.pruning"):
         pruner = ChannelPruner(model, SHAPE)
     kept = [r.getMessage() for r in caplog.records if "kept whole" in r.getMessage()]

@@ -90,22 +90,12 @@ def test_a_patchify_stem_is_timed_at_its_own_output_size():
 def test_a_table_builds_for_a_model_with_a_group_torch_pruning_cannot_prune(tmp_path, monkeypatch):
     """The calibration networks are pruned only in the groups the pruner keeps (here the stem
     group is dropped: Torch-Pruning's cut of it is made to fail)."""
-    from autoprune import pruning
-    from autoprune.errors import AutopruneError
     from autoprune.pruning import ChannelPruner
-    from tests.archs import random_net
+    from tests.archs import fail_cuts_of, random_net
 
     model, shape = random_net(0).eval(), (1, 16, 16)
     description = describe_network(model, shape)
-    root = description.group("stem.0").root or "stem.0"
-    original = pruning.remove_channels
-
-    def failing(network, input_shape, removals):
-        if removals.get(root):
-            raise AutopruneError("the pruned network no longer runs (a stand-in failure)")
-        return original(network, input_shape, removals)
-
-    monkeypatch.setattr(pruning, "remove_channels", failing)
+    fail_cuts_of(monkeypatch, model, shape, "stem.0")
     assert len(ChannelPruner(model, shape).description.groups) == len(description.groups) - 1
     table = build_lut(model, description, TorchBackend(1), tmp_path / "lut.json", channel_step=8, warmup=0, runs=1,
                       rounds=1, calibration_samples=3, progress=False, pin=False)
